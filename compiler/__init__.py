@@ -1,0 +1,1 @@
+"""The compiler stages: ingest, graph, dmpq, plan, qdq, distill, verify."""

@@ -1,0 +1,105 @@
+"""What a target can do, as values: its precision menu and its cost model.
+
+DMPQ and the other compiler stages see a target only through these types (the
+compiler imports no target module). A target builds a ``TargetCapabilities``
+for a device and hands it down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+# Precision names used in plans. Not every target offers every one.
+FP32 = "fp32"
+FP16 = "fp16"
+INT8 = "int8"  # static: int8 weights, int8/uint8 activations from calibration
+INT8_DYNAMIC = "int8_dynamic"  # int8 weights, activations quantized at run time
+INT16X8 = "int16x8"  # int16 activations, int8 weights (TFLite, Hexagon)
+INT8_WEIGHT = "int8_weight"  # weight-only int8 (TFLite dynamic range)
+INT4_WEIGHT = "int4_weight"  # weight-only int4, block-wise
+PRECISIONS = (FP32, FP16, INT8, INT8_DYNAMIC, INT16X8, INT8_WEIGHT, INT4_WEIGHT)
+
+# Bits a weight element takes at each precision (for size accounting).
+WEIGHT_BITS = {FP32: 32, FP16: 16, INT8: 8, INT8_DYNAMIC: 8, INT16X8: 8, INT8_WEIGHT: 8, INT4_WEIGHT: 4}
+
+CostKind = Literal["measured", "estimated"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A quantisable unit as the runtime fuses it (Conv+BN+ReLU, MatMul+Add, ...).
+
+    ``inputs`` are the activation tensors the layer reads (quantised at its
+    entry), ``weights`` the initializers it owns, ``nodes`` every ONNX node in
+    the fused group, ``op`` the anchor op type that decides the menu.
+    """
+
+    name: str
+    op: str
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    weights: tuple[str, ...] = ()
+    module: str | None = None
+    params: int = 0
+    macs: int = 0
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost of one layer at one precision."""
+
+    bytes: int
+    latency_ms: float
+    kind: CostKind
+    source: str  # "onnxruntime 1.32 profiler on <cpu>" or "roofline from devices/<file>.toml"
+
+    def to_json(self) -> dict[str, object]:
+        return {"bytes": self.bytes, "latency_ms": self.latency_ms, "kind": self.kind, "source": self.source}
+
+
+class CostModel(Protocol):
+    """A target's cost of running a layer at a precision on its device."""
+
+    def cost(self, layer: Layer, precision: str) -> Cost: ...
+
+
+@dataclass(frozen=True)
+class PrecisionMenu:
+    """Precisions a target runs, per anchor op type; ops not named get ``default``.
+
+    ``forced_only`` precisions are valid in a hand-edited plan but DMPQ does not
+    choose them by itself (fp16 on a CPU, which has no speedup).
+    """
+
+    by_op: Mapping[str, tuple[str, ...]]
+    default: tuple[str, ...] = (FP32,)
+    forced_only: tuple[str, ...] = ()
+
+    def for_op(self, op: str, include_forced: bool = False) -> tuple[str, ...]:
+        menu = self.by_op.get(op, self.default)
+        return menu if include_forced else tuple(p for p in menu if p not in self.forced_only)
+
+    def allows(self, op: str, precision: str) -> bool:
+        return precision in self.for_op(op, include_forced=True)
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """How a target quantises activations: the calibration method and symmetry it wants."""
+
+    method: str = "entropy"  # entropy | minmax | percentile | mse
+    symmetric: bool = True  # False: uint8 with a zero point (min/max range)
+
+
+@dataclass(frozen=True)
+class TargetCapabilities:
+    """Everything DMPQ needs to know about one target on one device."""
+
+    target: str
+    device: str
+    menu: PrecisionMenu
+    cost_model: CostModel
+    activations: ActivationScheme = field(default_factory=ActivationScheme)

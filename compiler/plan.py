@@ -1,0 +1,135 @@
+"""QuantPlan: the per-layer precision decision, as editable JSON (``dscompile-plan/1``).
+
+Precedence rule: the plan file is the truth. ``dscompile build --plan`` lowers
+exactly what it says; a hand edit the target cannot run is rejected with the
+reason, never silently changed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dscompile.compiler.capabilities import PRECISIONS, TargetCapabilities
+from dscompile.errors import InputError
+from dscompile.fileio import write_json
+
+PLAN_FORMAT = "dscompile-plan/1"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    nodes: tuple[str, ...]
+    op: str
+    precision: str
+    module: str | None = None
+    weights: dict[str, Any] = field(default_factory=dict)  # {"scheme", "bits", "axis"|"block_size"}
+    activations: dict[str, Any] = field(default_factory=dict)  # {"method", "amax"} or {"method", "min", "max"}
+    sensitivity: dict[str, float] = field(default_factory=dict)  # precision -> output divergence
+    cost: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> Cost.to_json()
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # stage notes (e.g. distillation results)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["nodes"] = list(self.nodes)
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    target: str
+    model_sha256: str
+    layers: tuple[LayerPlan, ...]
+    budget: dict[str, Any] = field(default_factory=dict)
+    predicted: dict[str, Any] = field(default_factory=dict)
+    rounds: tuple[dict[str, Any], ...] = ()
+    device: str = ""
+
+    def layer(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise InputError(f"plan: no layer named {name!r}")
+
+    def precision_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for lp in self.layers:
+            counts[lp.precision] = counts.get(lp.precision, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def with_precision(self, name: str, precision: str, reason: str) -> QuantPlan:
+        layers = tuple(replace(lp, precision=precision, reason=reason) if lp.name == name else lp for lp in self.layers)
+        return replace(self, layers=layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "target": self.target,
+            "device": self.device,
+            "model_sha256": self.model_sha256,
+            "budget": self.budget,
+            "layers": [lp.to_json() for lp in self.layers],
+            "predicted": self.predicted,
+            "rounds": list(self.rounds),
+        }
+
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        return write_json(path, self.to_json(), force)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], origin: str = "plan") -> QuantPlan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise InputError(f"{origin}: not a dscompile plan (expected \"format\": \"{PLAN_FORMAT}\")")
+        try:
+            layers = tuple(
+                LayerPlan(
+                    name=lp["name"], nodes=tuple(lp["nodes"]), op=lp["op"], precision=lp["precision"],
+                    module=lp.get("module"), weights=lp.get("weights", {}), activations=lp.get("activations", {}),
+                    sensitivity=lp.get("sensitivity", {}), cost=lp.get("cost", {}), reason=lp.get("reason", ""),
+                    extra=lp.get("extra", {}),
+                )
+                for lp in data["layers"]
+            )
+            return cls(
+                target=data["target"], model_sha256=data["model_sha256"], layers=layers,
+                budget=data.get("budget", {}), predicted=data.get("predicted", {}),
+                rounds=tuple(data.get("rounds", ())), device=data.get("device", ""),
+            )
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{origin}: malformed plan (missing or wrong field {exc})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such plan file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_json(data, str(path))
+
+
+def validate_plan(plan: QuantPlan, model_sha256: str, node_names: set[str], caps: TargetCapabilities, force: bool = False) -> None:
+    """Reject a plan made for another model or target, or asking what the target cannot run."""
+    if plan.model_sha256 != model_sha256 and not force:
+        raise InputError(
+            f"plan was made for another model (sha256 {plan.model_sha256[:12]}…, this one {model_sha256[:12]}…); "
+            "re-plan, or --force to apply it anyway"
+        )
+    if plan.target != caps.target:
+        raise InputError(f"plan is for target {plan.target!r}, not {caps.target!r}")
+    for lp in plan.layers:
+        if lp.precision not in PRECISIONS:
+            raise InputError(f"plan layer {lp.name!r}: unknown precision {lp.precision!r} (known: {', '.join(PRECISIONS)})")
+        if not caps.menu.allows(lp.op, lp.precision):
+            allowed = ", ".join(caps.menu.for_op(lp.op, include_forced=True))
+            raise InputError(f"plan layer {lp.name!r}: target {caps.target} cannot run {lp.op} at {lp.precision} (it can: {allowed})")
+        missing = [n for n in lp.nodes if n not in node_names]
+        if missing:
+            raise InputError(f"plan layer {lp.name!r}: node {missing[0]!r} does not exist in the model")

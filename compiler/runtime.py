@@ -1,0 +1,52 @@
+"""onnxruntime sessions for the stages that execute ONNX (checks, sensitivity, verification)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from dscompile.errors import InputError
+
+Feed = dict[str, np.ndarray]
+
+
+def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
+
+
+def ort_session(
+    model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True
+) -> ort.InferenceSession:
+    src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(src, session_options(threads, optimize), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300]
+        raise InputError(f"onnxruntime cannot load the model: {text}") from None
+
+
+def run_session(sess: ort.InferenceSession, feed: Feed) -> list[np.ndarray]:
+    names = {i.name for i in sess.get_inputs()}
+    missing = names - feed.keys()
+    if missing:
+        raise InputError(f"inputs missing from the data: {', '.join(sorted(missing))} (model inputs: {', '.join(sorted(names))})")
+    try:
+        return sess.run(None, {k: v for k, v in feed.items() if k in names})
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:300]
+        raise InputError(f"onnxruntime failed on the inputs: {text}") from None
+
+
+def ort_version() -> str:
+    return ort.__version__

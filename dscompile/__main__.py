@@ -1,0 +1,3 @@
+from dscompile.cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""``dscompile compile``: model in, verified artifact and report out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dscompile import api, console
+from dscompile.cli_common import common_options, emit_json, model_options, output_options
+from dscompile.compiler.ingest import IngestOptions
+from dscompile.pipeline import CompileOptions
+from dscompile.targets.base import target_names
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", default="ort-cpu", show_default=True, help=f"One of: {', '.join(target_names())}.")
+@click.option("--device", help="Device profile to plan and estimate for (see `dscompile devices`).")
+@click.option("--verify-samples", type=int, default=16, show_default=True, help="Samples to verify the artifact on.")
+@click.option("--threads", type=int, help="Threads for onnxruntime checks and timing.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+@output_options
+@common_options
+def command(model: Path, target: str, device: str | None, verify_samples: int, threads: int | None, seed: int,
+            ingest_options: IngestOptions, output: Path | None, force: bool, as_json: bool) -> None:
+    """Compile MODEL for a target, verify it, and write a report beside it.
+
+    \b
+    Examples:
+      dscompile --target ort-cpu model.pt --input-shape x:1x3x224x224 -o model_cpu.onnx
+      dscompile compile model.onnx -o model_cpu.onnx --force
+    """
+    options = CompileOptions(
+        target=target, device=device, output=output, force=force, ingest=ingest_options,
+        verify_samples=verify_samples, threads=threads, seed=seed,
+    )
+    result = api.compile(model, target=target, options=options)
+    if as_json:
+        emit_json(result.report)
+        return
+    show_summary(result.report, result.output, result.report_path)
+
+
+def show_summary(report: dict, output: Path, report_path: Path) -> None:
+    from rich.table import Table
+
+    fid, lat, size = report["fidelity"], report["latency"], report["size"]
+    table = Table(title=f"{report['target']} · {report['device']}", show_header=False)
+    table.add_row("artifact", str(output))
+    table.add_row("report", str(report_path))
+    table.add_row("size", f"{size['artifact_bytes']:,} bytes ({size['ratio']}× FP32)")
+    table.add_row("precision", ", ".join(f"{k}: {v}" for k, v in report["precision"].items()))
+    if fid.get("measured_with"):
+        top1 = f", top-1 agreement {fid['top1_agreement']:.4f}" if fid.get("top1_agreement") is not None else ""
+        table.add_row("fidelity", f"cosine {fid['cosine']:.6f}{top1} on {fid['samples']} samples")
+    if lat.get("kind") == "measured":
+        table.add_row("latency", f"p50 {lat['ms_p50']:.3f} ms (FP32 {lat['fp32_ms_p50']:.3f} ms), measured: {lat['where']}")
+    console.out.print(table)

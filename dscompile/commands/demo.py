@@ -1,0 +1,65 @@
+"""``dscompile demo``: the main job on a built-in example, end to end."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from dscompile import api, console
+from dscompile.cli_common import common_options, emit_json
+from dscompile.commands.compile import show_summary
+from dscompile.compiler.ingest import IngestOptions
+from dscompile.compiler.shapes import parse_input_shape
+from dscompile.pipeline import CompileOptions
+from dscompile.targets.base import get_target, target_names
+
+
+@click.command("demo")
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the demo's files (default: a new temporary folder).")
+@click.option("--force", is_flag=True, help="Reuse a non-empty output folder, overwriting its files.")
+@common_options
+def command(output: Path | None, force: bool, as_json: bool) -> None:
+    """Train a small CNN on scikit-learn's digits, save it as TorchScript, and compile it
+    for every target available here.
+
+    \b
+    Example:
+      dscompile demo
+      dscompile demo -o demo_out --json
+    """
+    import torch
+
+    from dscompile.examples import train_digits_cnn
+
+    folder = output or Path(tempfile.mkdtemp(prefix="dscompile-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()) and not force and output is not None:
+        raise click.UsageError(f"{folder} is not empty (use --force to overwrite its files)")
+    console.log.info("training the digits CNN (scikit-learn's bundled digits)...")
+    model, accuracy, data = train_digits_cnn()
+    console.log.info(f"test accuracy {accuracy:.4f}")
+    ts_path = folder / "digits_cnn.pt"
+    torch.jit.save(torch.jit.trace(model, torch.from_numpy(data.x_test[:1])), str(ts_path))
+    reports = {}
+    for name in target_names():
+        target = get_target(name)
+        ok, why = target.available()
+        if not ok:
+            console.log.warning(f"skipping target {name}: {why}")
+            continue
+        out = folder / f"digits_cnn.{name}" if target.output_kind == "dir" else folder / f"digits_cnn.{name}{target.suffix}"
+        opts = CompileOptions(
+            target=name, output=out, force=True,
+            ingest=IngestOptions(input_shapes=(parse_input_shape("x:1x1x8x8"),)),
+        )
+        result = api.compile(ts_path, target=name, options=opts)
+        reports[name] = result.report
+        if not as_json:
+            show_summary(result.report, result.output, result.report_path)
+    if as_json:
+        emit_json({"folder": str(folder), "accuracy": accuracy, "reports": reports})
+    else:
+        console.out.print(f"demo files in {folder}")

@@ -1,0 +1,142 @@
+"""Runs the stages in order: ingest -> (calibrate -> plan) -> lower -> verify -> write.
+
+Every output is staged in a temporary folder beside its destination, verified
+there, and moved into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dscompile.compiler.ingest import Ingested, IngestOptions, ingest
+from dscompile.compiler.plan import QuantPlan
+from dscompile.compiler.report import build_report
+from dscompile.compiler.samples import synthetic_feeds
+from dscompile.compiler.verify import Fidelity, compare
+from dscompile.errors import MissingBackendError, OutputError, VerificationError
+from dscompile.fileio import check_writable, write_json
+from dscompile.profiles.runners import OrtRunner, time_runner
+from dscompile.targets.base import Artifact, BuildOptions, get_target
+
+log = logging.getLogger("dscompile")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "ort-cpu"
+    device: str | None = None
+    output: Path | None = None
+    force: bool = False
+    ingest: IngestOptions = field(default_factory=IngestOptions)
+    verify_samples: int = 16
+    min_cosine: float | None = None  # None: 0.999 for an all-FP32 build, no floor otherwise
+    measure_latency: bool = True
+    threads: int | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    artifact: Artifact
+    report: dict[str, Any]
+    output: Path
+    report_path: Path
+
+
+def default_output(model: Path, target_name: str, suffix: str, kind: str) -> Path:
+    stem = model.name.split(".")[0] or "model"
+    name = f"{stem}.{target_name}" + (suffix if kind == "file" else "")
+    return model.parent / name
+
+
+def report_path_for(output: Path, kind: str) -> Path:
+    return output / "report.json" if kind == "dir" else output.with_suffix(".report.json")
+
+
+def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
+    target = get_target(options.target)
+    ok, why = target.available()
+    if not ok:
+        raise MissingBackendError(f"target {target.name}'s runtime", why)
+    model = Path(model)
+    out = Path(options.output) if options.output else default_output(model, target.name, target.suffix, target.output_kind)
+    rpath = report_path_for(out, target.output_kind)
+    check_writable(out, options.force)
+    if target.output_kind == "file":
+        check_writable(rpath, options.force)
+
+    ingested = ingest(model, options.ingest)
+    graph = ingested.graph
+    device = options.device or target.default_device()
+    plan: QuantPlan | None = None
+    table = None
+    stage = _make_stage(out)
+    try:
+        artifact = target.lower(graph, plan, table, stage, BuildOptions(options.seed, options.threads, options.extra))
+        fidelity, latency = _verify(ingested, target, artifact, options)
+        report = build_report(
+            target=target.name, device=device, graph=graph,
+            artifacts=[f.to_json() for f in artifact.files],
+            artifact_bytes=sum(f.bytes for f in artifact.files),
+            plan=plan, fidelity=fidelity, latency=latency, export_check=ingested.export_check,
+            extra=artifact.notes or None,
+        )
+        final = _commit(stage, artifact, out, rpath, report, target.output_kind, options.force)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return CompileResult(final, report, out, rpath)
+
+
+def _make_stage(out: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stage", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write in {out.parent} ({exc.strerror})") from None
+
+
+def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOptions) -> tuple[Fidelity | None, dict | None]:
+    graph = ingested.graph
+    runner = target.runner(artifact, options.threads)
+    if runner is None:
+        return None, None
+    feeds = synthetic_feeds(graph.inputs, options.verify_samples, options.seed + 1, graph.model)
+    reference = OrtRunner(graph.model, options.threads)
+    fidelity = compare(reference.run, runner.run, feeds, runner.where())
+    floor = options.min_cosine if options.min_cosine is not None else 0.999
+    if fidelity.cosine < floor:
+        raise VerificationError(
+            f"the {target.name} artifact disagrees with its FP32 source: cosine {fidelity.cosine:.5f} < {floor}"
+        )
+    if not options.measure_latency:
+        return fidelity, None
+    t_ref = time_runner(reference, feeds[0])
+    t_art = time_runner(runner, feeds[0])
+    latency = {"fp32_ms_p50": round(t_ref.p50_ms, 4), **t_art.to_json()}
+    return fidelity, latency
+
+
+def _commit(stage: Path, artifact: Artifact, out: Path, rpath: Path, report: dict, kind: str, force: bool) -> Artifact:
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    if kind == "dir":
+        write_json(stage / "report.json", report, force=True)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        stage.rename(out)
+        stage.mkdir()  # the caller's cleanup removes this empty placeholder
+        return artifact.relocated(out)
+    write_json(rpath, report, force)
+    try:
+        for f in artifact.files:
+            dest = out if f.path == artifact.primary else out.parent / f.path
+            (stage / f.path).replace(dest)
+    except OSError as exc:
+        rpath.unlink(missing_ok=True)
+        raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
+    return artifact.relocated(out.parent, out.name)

@@ -1,0 +1,1 @@
+"""Device profiles (devices/*.toml), runners, estimates and the FPS matrix."""

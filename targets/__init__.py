@@ -1,0 +1,1 @@
+"""Targets: one module each, registered in ``base.BUILTIN`` by a single line."""
