@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-
 from dscompile.compiler.graph import (
     ModelGraph,
     SourceInfo,
@@ -32,6 +31,7 @@ from dscompile.compiler.graph import (
 )
 from dscompile.compiler.samples import synthetic_feeds
 from dscompile.compiler.shapes import override_specs, with_dynamic
+
 from dscompile.errors import InputError, VerificationError
 from dscompile.fileio import sha256_file
 
@@ -293,7 +293,6 @@ def _quiet():
 
 def _torch_args(specs: tuple[TensorSpec, ...]) -> tuple:
     import torch
-
     from dscompile.compiler.samples import concrete_shape
 
     return tuple(torch.zeros(concrete_shape(s), dtype=getattr(torch, s.dtype)) for s in specs)
@@ -395,7 +394,6 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 def check_export(module: Any, graph: ModelGraph, options: IngestOptions) -> dict[str, Any]:
     """Run torch and onnxruntime on the same inputs; fail past ``export_rtol``."""
     import torch
-
     from dscompile.compiler.runtime import ort_session, run_session
 
     feeds = synthetic_feeds(graph.inputs, options.check_samples, options.seed, graph.model)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-
 from dscompile.compiler.graph import TensorSpec
 
 Feed = dict[str, np.ndarray]

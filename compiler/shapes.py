@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from dscompile.compiler.graph import Dim, TensorSpec
+
 from dscompile.errors import InputError
 
 _DTYPES = {"float32", "float16", "int64", "int32", "int8", "uint8", "bool", "float64"}

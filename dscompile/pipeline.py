@@ -78,7 +78,8 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     table = None
     stage = _make_stage(out)
     try:
-        artifact = target.lower(graph, plan, table, stage, BuildOptions(options.seed, options.threads, options.extra))
+        build = BuildOptions(options.seed, options.threads, device, extra=options.extra)
+        artifact = target.lower(graph, plan, table, stage, build)
         fidelity, latency = _verify(ingested, target, artifact, options)
         report = build_report(
             target=target.name, device=device, graph=graph,

@@ -17,10 +17,11 @@ code never hard-codes a device number, so every number must be traceable.
 from __future__ import annotations
 
 import functools
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dscompile.errors import InputError
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from dscompile.compiler.runtime import ort_session, ort_version, run_session
 from dscompile.profiles.host import host_label
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import TargetCapabilities
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.plan import QuantPlan
+
 from dscompile.errors import InputError
 from dscompile.fileio import sha256_file
 
@@ -70,10 +70,16 @@ def describe_files(root: Path, roles: dict[str, str]) -> tuple[ArtifactFile, ...
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """Target-independent build settings; ``extra`` holds a target's own (e.g. TensorRT shapes)."""
+    """Build settings from the command line; a target reads the ones it understands."""
 
     seed: int = 0
     threads: int | None = None
+    device: str = ""
+    remote: str | None = None  # user@host[:port] (SSH) or adb:SERIAL
+    shapes: dict[str, Any] | None = None  # dynamic-shape profile: {"min"|"opt"|"max": {input: dims}}
+    dla: int | None = None  # DLA core on Jetson
+    build_engine: bool | None = None  # None: build where the runtime exists
+    benchmark_binary: Path | None = None  # TFLite benchmark_model for ADB timing
     extra: dict[str, Any] = field(default_factory=dict)
 
 
