@@ -6,7 +6,6 @@ import struct
 
 import numpy as np
 import pytest
-
 from dscompile.calibration.histograms import Histogram, StreamingHistogram
 from dscompile.calibration.methods import (
     asymmetric_range,
@@ -15,7 +14,12 @@ from dscompile.calibration.methods import (
     mse_amax,
     percentile_amax,
 )
-from dscompile.calibration.table import CalibrationTable, TensorRange, read_trt_cache, write_trt_cache
+from dscompile.calibration.table import (
+    CalibrationTable,
+    TensorRange,
+    read_trt_cache,
+    write_trt_cache,
+)
 
 
 def reference_entropy(counts: np.ndarray, width: float, levels: int = 128, start: int = 128) -> float:
