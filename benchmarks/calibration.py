@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -118,7 +117,6 @@ def make_data(name: str, count: int) -> Path:
 
 def _source(model_path: Path, data: Path, count: int):
     import onnx
-
     from dscompile.calibration.datasets import DataOptions, open_data
 
     model = onnx.load(str(model_path))
@@ -131,9 +129,11 @@ def _source(model_path: Path, data: Path, count: int):
     return model, open_data(data, specs, DataOptions(max_samples=count, seed=0))
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries that over exec
+    from the forking parent, so every child would report the parent's peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -155,7 +155,7 @@ def child(tool: str, model_path: Path, data: Path, count: int) -> dict:
     elif tool.startswith("ort-"):
         import onnxruntime.quantization  # noqa: F401
     startup = time.perf_counter() - t0
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     start = time.perf_counter()
     model, source = _source(model_path, data, count)
     if tool == "plain":
@@ -168,7 +168,7 @@ def child(tool: str, model_path: Path, data: Path, count: int) -> dict:
     else:
         _ort_calibrate(tool, model_path, source)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    peak = _status_mb("VmHWM")
     return {"seconds": seconds, "startup_s": startup, "peak_rss_mb": peak, "growth_mb": peak - base,
             "rows": source.count}
 
@@ -213,7 +213,6 @@ def measure(tool: str, model: Path, data: Path, count: int, timeout: float) -> d
 def activation_bytes(model: Path, data: Path) -> int:
     """Bytes of the activations onnxruntime's calibrators would keep per sample."""
     import onnxruntime as ort
-
     from dscompile.calibration.collect import _with_outputs, quantizable_tensors
 
     m, source = _source(model, data, 1)
