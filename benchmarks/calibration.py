@@ -117,6 +117,7 @@ def make_data(name: str, count: int) -> Path:
 
 def _source(model_path: Path, data: Path, count: int):
     import onnx
+
     from dscompile.calibration.datasets import DataOptions, open_data
 
     model = onnx.load(str(model_path))
@@ -213,6 +214,7 @@ def measure(tool: str, model: Path, data: Path, count: int, timeout: float) -> d
 def activation_bytes(model: Path, data: Path) -> int:
     """Bytes of the activations onnxruntime's calibrators would keep per sample."""
     import onnxruntime as ort
+
     from dscompile.calibration.collect import _with_outputs, quantizable_tensors
 
     m, source = _source(model, data, 1)

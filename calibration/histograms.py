@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from dscompile.calibration.kernels import add_abs
 
 DEFAULT_BINS = 2048

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+
 from dscompile.calibration.histograms import Histogram
 from dscompile.calibration.kernels import kl_all, mse_errors
 from dscompile.calibration.table import METHODS

@@ -7,9 +7,9 @@ import struct
 
 import numpy as np
 import pytest
-from dscompile.calibration.table import CalibrationTable, read_trt_cache
 from PIL import Image
 
+from dscompile.calibration.table import CalibrationTable, read_trt_cache
 from tests.test_calibration_methods import reference_entropy
 
 

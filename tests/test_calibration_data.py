@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from PIL import Image
+
 from dscompile.calibration.collect import calibrate, quantizable_tensors
 from dscompile.calibration.datasets import DataOptions, open_data, split_holdout
 from dscompile.calibration.images import make_preprocess
-from PIL import Image
-
 from dscompile.errors import InputError
 
 TWO_INPUTS = """

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from dscompile.calibration.histograms import Histogram, StreamingHistogram
 from dscompile.calibration.methods import (
     asymmetric_range,
