@@ -69,7 +69,7 @@ class Allocation:
 
     def predicted(self) -> dict[str, float]:
         return {
-            "sensitivity": round(self.sensitivity, 8),
+            "sensitivity": float(f"{self.sensitivity:.4g}"),
             "bytes": int(self.bytes),
             "size_ratio": round(self.bytes / self.fp32_bytes, 5) if self.fp32_bytes else None,
             "latency_ms": round(self.latency_ms, 5),

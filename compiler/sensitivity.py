@@ -85,10 +85,14 @@ class _Runner:
     """Runs the emulator on all samples at once when it can, one by one otherwise."""
 
     def __init__(self, emu: Emulator, feeds: Sequence[Feed], threads: int | None) -> None:
-        from dscompile.compiler.runtime import ort_session
+        import onnxruntime as ort
+
+        from dscompile.compiler.runtime import session_options
 
         self.emu, self.feeds = emu, list(feeds)
-        self.session = ort_session(emu.model, threads)
+        so = session_options(threads)
+        so.log_severity_level = 4  # the batch probe may fail on purpose: keep onnxruntime quiet
+        self.session = ort.InferenceSession(emu.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         self.names = {i.name for i in self.session.get_inputs()}
         self.base = emu.base_feed()
         self.batch = self._stack()

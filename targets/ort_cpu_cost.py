@@ -66,6 +66,7 @@ class OrtCpuCost:
         self.dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
         self.nodes = {n.name: n for n in model.graph.node}
         self._latency: dict[str, dict[str, float]] | None = None
+        self._overhead = 0.0
         self.source = ""
 
     def cost(self, layer: Layer, precision: str) -> Cost:
@@ -97,6 +98,13 @@ class OrtCpuCost:
         bw = self.profile.value(BANDWIDTH_FIGURE) * 1e9
         return round(max(2.0 * layer.macs / peak, nbytes / bw) * 1e3, 6)
 
+    def overhead_ms(self) -> float:
+        """Measured time of the nodes no layer owns (fp32 everywhere); 0 for estimates."""
+        if self.profile is not None:
+            return 0.0
+        self.measured()
+        return self._overhead
+
     def measured(self) -> dict[str, dict[str, float]]:
         if self._latency is None:
             self._latency = self._profile_all()
@@ -110,8 +118,10 @@ class OrtCpuCost:
         for p in precisions:
             assign = {lay.name: p for lay in self.layers if p in self.menus.get(lay.name, ())}
             try:
-                model = self.lower(assign)
-                out[p] = _attribute(_profile(model, feed, self.threads), owners)
+                times = _profile(self.lower(assign), feed, self.threads)
+                out[p] = _attribute(times, owners)
+                if p == FP32:
+                    self._overhead = max(0.0, sum(times.values()) - sum(out[p].values()))
             except Exception as exc:  # a precision that fails to build here is simply not measured
                 log.debug("cost: profiling %s failed: %s", p, exc)
         return out
