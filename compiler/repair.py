@@ -21,17 +21,17 @@ from dscompile.compiler.verify import Fidelity
 from dscompile.errors import InputError, VerificationError
 
 log = logging.getLogger("dscompile")
-METRICS = ("cosine", "top1")
+METRICS = ("cosine", "top1", "auto")
 DEFAULT_ROUNDS = 6
 
 
 @dataclass(frozen=True)
 class FidelityGoal:
-    metric: str  # cosine | top1
+    metric: str  # cosine | top1 | auto (top1 for score outputs, cosine otherwise)
     value: float
 
     def measure(self, f: Fidelity) -> float:
-        if self.metric == "top1":
+        if self.metric in ("top1", "auto"):
             return f.top1_agreement if f.top1_agreement is not None else f.cosine
         return f.cosine
 
@@ -43,7 +43,7 @@ class FidelityGoal:
 
 
 def parse_goal(text: str) -> FidelityGoal:
-    """``cosine=0.995`` or ``top1=0.99``."""
+    """``cosine=0.995``, ``top1=0.99`` or ``auto=0.99``."""
     metric, sep, val = text.partition("=")
     metric = metric.strip().lower().replace("top1_agreement", "top1").replace("top-1", "top1")
     try:
@@ -51,7 +51,7 @@ def parse_goal(text: str) -> FidelityGoal:
     except ValueError:
         value = float("nan")
     if not sep or metric not in METRICS or not (0 < value <= 1):
-        raise InputError(f"--min-fidelity {text!r}: expected cosine=<0..1> or top1=<0..1>")
+        raise InputError(f"--min-fidelity {text!r}: expected cosine=<0..1>, top1=<0..1> or auto=<0..1>")
     return FidelityGoal(metric, value)
 
 
@@ -124,3 +124,6 @@ def _round(i: int, fid: Fidelity, goal: FidelityGoal | None, promoted: list) -> 
         "round": i, "fidelity": fid.to_json(), "promoted": promoted,
         "goal": goal.to_json() if goal else None, "met": goal.met(fid) if goal else None,
     }
+
+
+DEFAULT_GOAL = FidelityGoal("auto", 0.99)

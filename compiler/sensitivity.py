@@ -129,8 +129,8 @@ def measure(
     """Sensitivity of every layer at every precision its menu offers (fp32 counts 0)."""
     start = time.perf_counter()
     cases, skipped = _cases(layers, caps, ranges)
-    modes = {lay.name: {caps.numerics[p].activation for p in ps} for lay, ps in cases}
-    emu = build_emulator(model, layers, modes, ranges, caps.activations.symmetric)
+    numerics = {lay.name: [caps.numerics[p] for p in ps] for lay, ps in cases}
+    emu = build_emulator(model, layers, numerics, ranges, caps.activations.symmetric)
     runner = _Runner(emu, feeds, threads)
     refs = runner.run({})
     values: dict[str, dict[str, float]] = {lay.name: {FP32: 0.0} for lay in layers}

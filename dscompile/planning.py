@@ -21,7 +21,7 @@ from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import find_layers
 from dscompile.compiler.normalize import normalize
 from dscompile.compiler.plan import QuantPlan, plan_ranges, validate_layers, validate_plan
-from dscompile.compiler.repair import DEFAULT_ROUNDS, FidelityGoal, repair
+from dscompile.compiler.repair import DEFAULT_GOAL, DEFAULT_ROUNDS, FidelityGoal, repair
 from dscompile.compiler.verify import Fidelity, compare
 from dscompile.errors import InputError
 from dscompile.profiles.runners import OrtRunner
@@ -34,7 +34,7 @@ Feed = dict[str, np.ndarray]
 @dataclass(frozen=True)
 class PlanSettings:
     budget: Budget = DEFAULT_BUDGET
-    min_fidelity: FidelityGoal | None = None
+    min_fidelity: FidelityGoal | None = DEFAULT_GOAL
     rounds: int = DEFAULT_ROUNDS
     sensitivity_samples: int = 16
     threads: int | None = None
