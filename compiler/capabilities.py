@@ -50,6 +50,9 @@ class Layer:
     # that are not weights + outputs); 0 when unknown. The roofline estimate turns
     # it into memory traffic at the layer's activation precision.
     activation_elems: int = 0
+    # A depthwise convolution (one input channel per group): runtimes run it on
+    # vector units, not the matrix engines, so the estimate costs it differently.
+    depthwise: bool = False
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,13 @@
 
 A layer at a precision takes ``max(compute, memory) + overhead`` where
 
-    compute = 2 * MACs / (peak rate of that precision * compute efficiency)
-    memory  = (weight bytes + activation bytes) / (bandwidth * memory efficiency)
+    compute  = 2 * MACs / (peak rate of that precision * compute efficiency [* depthwise rate])
+    memory   = (weight bytes + f * activation bytes) / (bandwidth * memory efficiency)
+    overhead = per-layer launch cost, scaled by reference clock / accelerator clock
+
+``f`` is the fraction of activation traffic that reaches DRAM (the rest stays
+in on-chip SRAM / L2); the clock scaling applies where the profile has an
+``accel_clock_mhz`` figure (kernel launch and synchronisation are clock-bound).
 
 Peak rates and bandwidth come from the device profile (``devices/*.toml``);
 the efficiency factors and overheads are per device class, fitted on published
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
@@ -53,12 +58,24 @@ class Efficiency:
     device_class: str
     compute: Mapping[str, float]  # precision -> fraction of the peak rate reached
     memory: float  # fraction of the peak bandwidth reached
-    layer_overhead_us: float  # fixed cost per fused layer (kernel launch, sync)
+    layer_overhead_us: float  # fixed cost per fused layer (kernel launch, sync) at reference_clock_mhz
     model_overhead_us: float  # fixed cost per inference
     weight_only_compute: str  # precision the arithmetic of weight-only layers runs at
     rate_scale: Mapping[str, float]  # precision -> fraction of its PEAK_KEY rate (int16x8: 0.5)
     source: str
     file: str
+    activation_dram: float = 1.0  # fraction of activation traffic that goes to DRAM
+    depthwise_rate: float = 1.0  # depthwise layers reach this fraction of the precision's compute efficiency
+    reference_clock_mhz: float = 0.0  # clock the layer overhead was fitted at (0: do not scale)
+
+    overhead_scale: Mapping[str, float] = field(default_factory=dict)  # precision -> layer overhead multiplier
+    unfused_ops: frozenset[str] = frozenset()  # element-wise ops the class's runtime runs as layers of their own
+
+    def overhead_s(self, profile: DeviceProfile, precision: str) -> float:
+        scale = self.overhead_scale.get(precision, 1.0)
+        if self.reference_clock_mhz and "accel_clock_mhz" in profile.figures:
+            scale *= self.reference_clock_mhz / profile.value("accel_clock_mhz")
+        return self.layer_overhead_us * 1e-6 * scale
 
     def compute_for(self, precision: str) -> float:
         if precision in self.compute:
@@ -88,13 +105,20 @@ def load_efficiency(path: Path = EFFICIENCY_FILE) -> dict[str, Efficiency]:
                 raise InputError(f"{where}.{key} is missing or not a number ({v!r})")
             return float(v)
 
+        def opt(key: str, default: float, tbl: Mapping = table) -> float:
+            return num(key, tbl) if key in tbl else default
+
         if not str(table.get("source", "")).strip():
             raise InputError(f"{where} has no source")
         compute = {p: num(p, table.get("compute", {}), f"{where}.compute") for p in table.get("compute", {})}
         scale = {p: num(p, table.get("rate_scale", {}), f"{where}.rate_scale") for p in table.get("rate_scale", {})}
+        oscale = {p: num(p, table.get("overhead_scale", {}), f"{where}.overhead_scale") for p in table.get("overhead_scale", {})}
         out[cls] = Efficiency(
             cls, compute, num("memory"), num("layer_overhead_us"), num("model_overhead_us"),
             str(table.get("weight_only_compute", FP16)), scale, str(table["source"]), str(path),
+            activation_dram=opt("activation_dram", 1.0), depthwise_rate=opt("depthwise_rate", 1.0),
+            reference_clock_mhz=opt("reference_clock_mhz", 0.0), overhead_scale=oscale,
+            unfused_ops=frozenset(str(o) for o in table.get("unfused_ops", ())),
         )
     return out
 
@@ -123,10 +147,12 @@ def layer_seconds(profile: DeviceProfile, eff: Efficiency, layer: Layer, precisi
     """Seconds one layer takes on ``profile`` at ``precision`` for ``batch`` samples."""
     cp = compute_precision(precision, eff)
     rate = profile.value(PEAK_KEY[cp]) * 1e12 * eff.rate_scale.get(cp, 1.0) * eff.compute_for(cp)
+    if layer.depthwise:
+        rate *= eff.depthwise_rate
     compute = 2.0 * layer.macs * batch / rate if layer.macs else 0.0
-    traffic = weight_bytes(layer, precision) + layer.activation_elems * ACTIVATION_BYTES[cp] * batch
+    traffic = weight_bytes(layer, precision) + eff.activation_dram * layer.activation_elems * ACTIVATION_BYTES[cp] * batch
     memory = traffic / (profile.value("mem_bandwidth_gbps") * 1e9 * eff.memory)
-    return max(compute, memory) + eff.layer_overhead_us * 1e-6
+    return max(compute, memory) + eff.overhead_s(profile, cp)
 
 
 def source_of(profile: DeviceProfile, eff: Efficiency) -> str:
@@ -142,15 +168,16 @@ def layer_cost(profile: DeviceProfile, layer: Layer, precision: str) -> Cost:
 
 def model_estimate(
     profile: DeviceProfile, layers: Sequence[Layer], precisions: Mapping[str, str],
-    batch: int = 1, default: str = FP32,
+    batch: int = 1, default: str = FP32, efficiency: Efficiency | None = None,
 ) -> tuple[float, float]:
     """(latency_ms, fps) of a whole model: its layers in sequence plus the per-inference overhead.
 
     ``precisions`` maps layer names to precisions; layers not named run at ``default``.
+    ``efficiency`` overrides the class's fitted factors (the fit evaluates candidates).
     """
     if batch < 1:
         raise InputError(f"batch must be at least 1 (got {batch})")
-    eff = efficiency_for(profile)
+    eff = efficiency or efficiency_for(profile)
     seconds = eff.model_overhead_us * 1e-6
     seconds += sum(layer_seconds(profile, eff, lay, precisions.get(lay.name, default), batch) for lay in layers)
     latency_ms = seconds * 1e3

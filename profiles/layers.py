@@ -25,7 +25,8 @@ FUSABLE = {
 }
 FREE = {
     "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Shape", "Constant", "ConstantOfShape", "Identity",
-    "Cast", "Gather" , "Range", "Slice", "Expand", "QuantizeLinear", "DequantizeLinear", "Dropout",
+    "Cast", "Gather", "Range", "Slice", "Expand", "QuantizeLinear", "DequantizeLinear", "Dropout",
+    "Concat",  # runtimes write the inputs into the output buffer in place
 }
 
 
@@ -49,8 +50,12 @@ def with_batch(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
     return m
 
 
-def extract_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Fused layers with per-sample params, MACs and activation elements."""
+def extract_layers(model: onnx.ModelProto, unfused: frozenset[str] | set[str] = frozenset()) -> list[Layer]:
+    """Fused layers with per-sample params, MACs and activation elements.
+
+    ``unfused`` names element-wise ops the target runtime does not fuse into the
+    preceding layer (a device class's ``unfused_ops``); they become layers of their own.
+    """
     model = with_batch(model, 1)
     shapes = static_shapes(model)
     inits = {t.name: t for t in model.graph.initializer}
@@ -66,13 +71,13 @@ def extract_layers(model: onnx.ModelProto) -> list[Layer]:
     for i, node in enumerate(nodes):
         if i in taken or node.op_type in FREE:
             continue
-        group = [i] + (_absorb(i, nodes, consumers, outputs, taken) if node.op_type in ANCHORS else [])
+        group = [i] + (_absorb(i, nodes, consumers, outputs, taken, FUSABLE - set(unfused)) if node.op_type in ANCHORS else [])
         taken.update(group)
         layers.append(_layer(group, nodes, names, shapes, inits, consumers, outputs))
     return layers
 
 
-def _absorb(start: int, nodes, consumers, outputs, taken) -> list[int]:
+def _absorb(start: int, nodes, consumers, outputs, taken, fusable: set[str]) -> list[int]:
     """Follow single-consumer element-wise successors of an anchor (one residual Add at most)."""
     group: list[int] = []
     cur = start
@@ -82,7 +87,7 @@ def _absorb(start: int, nodes, consumers, outputs, taken) -> list[int]:
         if len(users) != 1 or out in outputs:
             return group
         nxt = users[0]
-        if nxt in taken or nodes[nxt].op_type not in FUSABLE:
+        if nxt in taken or nodes[nxt].op_type not in fusable:
             return group
         group.append(nxt)
         cur = nxt
@@ -106,4 +111,14 @@ def _layer(group, nodes, names, shapes, inits, consumers, outputs) -> Layer:
     return Layer(
         name=names[group[0]], op=anchor.op_type, nodes=tuple(names[g] for g in group), inputs=ins, outputs=outs,
         weights=weights, params=params if anchor.op_type in ANCHORS else 0, macs=macs, activation_elems=act,
+        depthwise=_is_depthwise(anchor, inits),
     )
+
+
+def _is_depthwise(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """A Conv with one input channel per group and more than one group."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    dims = inits[node.input[1]].dims
+    return group > 1 and len(dims) > 1 and dims[1] == 1
