@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from dscompile.compiler.capabilities import PRECISIONS, TargetCapabilities
-
 from dscompile.errors import InputError
 from dscompile.fileio import write_json
 
