@@ -17,9 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dscompile.profiles import estimate, fit  # noqa: E402
-
 from dscompile.fileio import write_text  # noqa: E402
+from dscompile.profiles import estimate, fit  # noqa: E402
 from tests.reference_nets import layers_of  # noqa: E402
 
 

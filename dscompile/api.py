@@ -16,7 +16,7 @@ from dscompile.compiler.ingest import IngestOptions, detect_format, ingest, load
 from dscompile.compiler.shapes import parse_input_shape
 from dscompile.pipeline import CompileOptions, CompileResult, compile_model
 
-__all__ = ["CompileOptions", "CompileResult", "IngestOptions", "compile", "inspect"]
+__all__ = ["CompileOptions", "CompileResult", "IngestOptions", "compile", "inspect", "profile"]
 
 
 def compile(
@@ -66,3 +66,42 @@ def inspect(model: str | Path, options: IngestOptions | None = None) -> dict[str
         "parameter_bytes": nbytes,
         "macs": macs(onnx_model),
     }
+
+
+def profile(
+    paths: list[str | Path],
+    devices: list[str] | None = None,
+    precisions: list[str] | None = None,
+    batches: list[int] | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    options: Any = None,
+) -> Any:
+    """The FPS matrix of models/artifacts on devices; written to ``output`` (a folder) when given.
+
+    ``options`` is a ``dscompile.profiler.ProfileOptions``; the other arguments override its fields.
+    """
+    from dscompile import profiler
+    from dscompile.profiles.devices import THIS_CPU, get_device
+    from dscompile.profiles.matrix import save_matrix
+
+    opts = options or profiler.ProfileOptions()
+    overrides: dict[str, Any] = {}
+    if devices:
+        overrides["devices"] = tuple(devices)
+    if precisions:
+        overrides["precisions"] = tuple(precisions)
+    if batches:
+        overrides["batches"] = tuple(batches)
+    opts = replace(opts, **overrides)
+    for d in opts.devices:
+        if d != THIS_CPU:
+            get_device(d)  # unknown names fail here, listing the known ones, before any work
+    if output is not None:
+        from dscompile.fileio import check_writable
+
+        check_writable(output, force)
+    matrix = profiler.profile_paths([Path(p) for p in paths], opts)
+    if output is not None:
+        save_matrix(matrix, output, force)
+    return matrix

@@ -16,6 +16,7 @@ from dscompile.commands import compile as compile_cmd
 from dscompile.commands import demo as demo_cmd
 from dscompile.commands import devices as devices_cmd
 from dscompile.commands import inspect as inspect_cmd
+from dscompile.commands import profile as profile_cmd
 from dscompile.errors import DscompileError
 
 DEFAULT_COMMAND = "compile"
@@ -48,6 +49,7 @@ cli.add_command(compile_cmd.command)
 cli.add_command(inspect_cmd.command)
 cli.add_command(devices_cmd.command)
 cli.add_command(demo_cmd.command)
+cli.add_command(profile_cmd.command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
+
 from dscompile.compiler.capabilities import (
     FP16,
     FP32,
@@ -36,9 +37,8 @@ from dscompile.compiler.capabilities import (
     Cost,
     Layer,
 )
-from dscompile.profiles.devices import DeviceProfile
-
 from dscompile.errors import InputError
+from dscompile.profiles.devices import DeviceProfile
 
 EFFICIENCY_FILE = Path(__file__).parent / "efficiency.toml"
 
@@ -156,7 +156,8 @@ def layer_seconds(profile: DeviceProfile, eff: Efficiency, layer: Layer, precisi
 
 
 def source_of(profile: DeviceProfile, eff: Efficiency) -> str:
-    return f"roofline from {profile.file_name}, efficiency {eff.device_class} ({Path(eff.file).name})"
+    fitted = "fitted on published latencies" if eff.source.startswith("fitted") else "NOT fitted: prior guess"
+    return f"roofline from {profile.file_name}, efficiency {eff.device_class} ({Path(eff.file).name}, {fitted})"
 
 
 def layer_cost(profile: DeviceProfile, layer: Layer, precision: str) -> Cost:

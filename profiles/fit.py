@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import tomllib
+
 from dscompile.compiler.capabilities import Layer
+from dscompile.errors import InputError
 from dscompile.profiles.devices import get_device
 from dscompile.profiles.estimate import Efficiency, load_efficiency, model_estimate
-
-from dscompile.errors import InputError
 
 PUBLISHED_DIR = Path(__file__).parent / "published"
 ROLES = ("fit", "holdout")

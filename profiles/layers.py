@@ -13,9 +13,9 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
+
 from dscompile.compiler.capabilities import Layer
 from dscompile.compiler.graph import node_macs, static_shapes
-
 from dscompile.errors import InputError
 
 ANCHORS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "ConvInteger", "MatMulNBits", "QLinearConv", "QLinearMatMul"}
@@ -48,6 +48,55 @@ def with_batch(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
                 f"input {vi.name!r} has dynamic axis {bad[0]}: give its size to estimate (e.g. --input-shape)"
             )
     return m
+
+
+def fold_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The float graph under a QDQ model, and the precision each anchor node runs at.
+
+    DequantizeLinear of an initializer becomes that initializer (the weight);
+    QuantizeLinear -> DequantizeLinear on an activation is bypassed. An anchor
+    whose weight was quantized runs at int8 (int4 for 4-bit weights, weight-only
+    when its activation input was not quantized); one with fp16 weights at fp16.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    alias: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            alias[n.output[0]] = n.input[0]
+        elif n.op_type == "DequantizeLinear" and n.input[0] in producer and producer[n.input[0]].op_type == "QuantizeLinear":
+            alias[n.output[0]] = producer[n.input[0]].input[0]
+    outputs = {o.name for o in model.graph.output}
+    dropped_dq = {o for o in alias if o not in outputs}
+    users: dict[str, list[str]] = defaultdict(list)
+    for n in model.graph.node:
+        for t in n.input:
+            users[t].append(n.output[0] if n.output else "")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.output[0] in dropped_dq:
+            continue
+        if n.op_type == "QuantizeLinear" and users[n.output[0]] and all(u in dropped_dq for u in users[n.output[0]]):
+            continue
+        keep.append(n)
+    precisions: dict[str, str] = {}
+    for i, n in enumerate(keep):
+        if n.op_type in ANCHORS and len(n.input) > 1:
+            w, x = n.input[1], n.input[0]
+            if w in alias and alias[w] in inits:
+                bits = inits[alias[w]].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+                precisions[n.name or f"{n.op_type}_{i}"] = ("int4_weight" if bits else "int8") if x in alias else (
+                    "int4_weight" if bits else "int8_weight")
+            elif w in inits and inits[w].data_type == onnx.TensorProto.FLOAT16:
+                precisions[n.name or f"{n.op_type}_{i}"] = "fp16"
+        for j, name in enumerate(n.input):
+            if name in alias:
+                n.input[j] = alias[name]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m, precisions
 
 
 def extract_layers(model: onnx.ModelProto, unfused: frozenset[str] | set[str] = frozenset()) -> list[Layer]:

@@ -14,9 +14,10 @@ import io
 
 import onnx
 import torch
+from torch import nn
+
 from dscompile.compiler.capabilities import Layer
 from dscompile.profiles.layers import extract_layers
-from torch import nn
 
 
 def cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
