@@ -12,6 +12,7 @@ import traceback
 import click
 
 from dscompile import __version__
+from dscompile.commands import batch as batch_cmd
 from dscompile.commands import compile as compile_cmd
 from dscompile.commands import demo as demo_cmd
 from dscompile.commands import devices as devices_cmd
@@ -50,6 +51,7 @@ cli.add_command(inspect_cmd.command)
 cli.add_command(devices_cmd.command)
 cli.add_command(demo_cmd.command)
 cli.add_command(profile_cmd.command)
+cli.add_command(batch_cmd.command)
 
 
 def main(argv: list[str] | None = None) -> None:

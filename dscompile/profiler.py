@@ -83,12 +83,40 @@ def load_subject(path: Path, options: IngestOptions, workdir: Path) -> Subject:
         return Subject(path.stem, path, "engine", _report_precision(path), _sibling_onnx(path), is_artifact=True)
     fmt = detect_format(path)
     if fmt == "onnx":
-        model = onnx.load(str(path))
+        model = _concrete_inputs(onnx.load(str(path)), _known_shapes(path, options))
         return _onnx_subject(path.name.split(".")[0], path, model)
     graph = ingest(path, options).graph  # torch source: export once, measure the export
     onnx_path = workdir / f"{path.stem}.onnx"
     onnx.save(graph.model, str(onnx_path))
     return Subject(path.name.split(".")[0], onnx_path, "onnx", FP32, graph.model)
+
+
+def _known_shapes(path: Path, options: IngestOptions) -> dict[str, tuple]:
+    """Input shapes from the user (--input-shape) or from the artifact's report."""
+    shapes = {s.name: s.shape for s in options.input_shapes}
+    for report in (path.with_suffix(".report.json"), path.parent / "report.json"):
+        if report.is_file():
+            try:
+                for spec in json.loads(report.read_text()).get("inputs", []):
+                    shapes.setdefault(spec["name"], tuple(spec["shape"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+            break
+    return shapes
+
+
+def _concrete_inputs(model: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.ModelProto:
+    """The model with the given integer sizes on its dynamic input axes (for the estimate only)."""
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        given = shapes.get(vi.name)
+        if not given or len(given) != len(dims):
+            continue
+        for d, size in zip(dims, given, strict=True):
+            if isinstance(size, int) and size > 0 and not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = size
+    return model
 
 
 def _onnx_subject(name: str, path: Path, model: onnx.ModelProto) -> Subject:
@@ -223,7 +251,8 @@ def profile_subjects(subjects: Sequence[Subject], options: ProfileOptions) -> Fp
     matrix = FpsMatrix()
     profiles = {d: get_device(d) for d in options.devices if d != THIS_CPU}
     for sub in subjects:
-        precisions = (sub.precision,) if sub.is_artifact else options.precisions
+        # A float artifact is a model: estimate it at every requested precision.
+        precisions = (sub.precision,) if sub.is_artifact and sub.precision != FP32 else options.precisions
         for device in options.devices:
             if device == THIS_CPU:
                 matrix.add(measured(sub, device, options.settings))
