@@ -10,14 +10,23 @@ SSD-MobileNet-v1 300x300 as MLPerf Inference runs it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
 from dscompile.compiler.capabilities import Layer
+from dscompile.fileio import write_text
+from dscompile.profiles import layers as layers_module
 from dscompile.profiles.layers import extract_layers
+
+CACHE = Path(tempfile.gettempdir()) / "dscompile-reference-layers"
 
 
 def cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
@@ -298,7 +307,18 @@ def onnx_model(name: str, classes: int | None = None) -> onnx.ModelProto:
 
 @functools.cache
 def layers_of(name: str, classes: int | None = None, unfused: frozenset[str] = frozenset()) -> tuple[Layer, ...]:
-    return tuple(extract_layers(_cached_onnx(name, classes), unfused))
+    """The network's layers, cached on disk: exporting traces a real forward pass (20 s for RetinaNet at
+    800x800), and the result depends only on this file and the layer extraction, whose sources key the cache."""
+    key = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, layers_module.__file__)))
+    key.update(f"{name}|{classes}|{sorted(unfused)}|{torch.__version__}".encode())
+    path = CACHE / f"{name}-{key.hexdigest()[:16]}.json"
+    if path.is_file():
+        return tuple(Layer(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+                     for d in json.loads(path.read_text()))
+    layers = tuple(extract_layers(_cached_onnx(name, classes), unfused))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps([asdict(lay) for lay in layers]), force=True)
+    return layers
 
 
 @functools.cache
