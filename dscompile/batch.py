@@ -168,7 +168,9 @@ def _compile(job: Job) -> tuple[Path, Path]:
     known = {f.name for f in fields(CompileOptions)}
     direct = {k: v for k, v in job.options.items() if k in known}
     extra = {k: v for k, v in job.options.items() if k not in known}
-    opts = CompileOptions(target=job.target, output=out, force=True, ingest=ingest, extra=extra, **direct)
+    # the profile step measures latency (and more): the compile need not time it too
+    opts = CompileOptions(target=job.target, output=out, force=True, ingest=ingest, extra=extra,
+                          measure_latency=False, **direct)
     result = api.compile(job.path, target=job.target, options=opts)
     return result.output, report_path_for(result.output, target.output_kind)
 
