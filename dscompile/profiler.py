@@ -242,7 +242,7 @@ def estimated(subject: Subject, profile: DeviceProfile, precision: str, batch: i
     per_layer = subject.layer_precisions if precision in ("mixed", subject.precision) and subject.is_artifact else {}
     default = FP32 if per_layer else precision
     latency, _ = model_estimate(profile, layers, per_layer, batch, default=default)
-    src = f"estimated: {source_of(profile, eff)}"
+    src = f"estimated: {source_of(profile, eff, default if not per_layer else 'int8')}"
     return estimated_cell(subject.name, profile.id, precision, batch, latency, src)
 
 

@@ -70,6 +70,7 @@ class Efficiency:
 
     overhead_scale: Mapping[str, float] = field(default_factory=dict)  # precision -> layer overhead multiplier
     unfused_ops: frozenset[str] = frozenset()  # element-wise ops the class's runtime runs as layers of their own
+    fitted: tuple[str, ...] = ()  # precisions whose compute factor was fitted on published figures
 
     def overhead_s(self, profile: DeviceProfile, precision: str) -> float:
         scale = self.overhead_scale.get(precision, 1.0)
@@ -119,6 +120,7 @@ def load_efficiency(path: Path = EFFICIENCY_FILE) -> dict[str, Efficiency]:
             activation_dram=opt("activation_dram", 1.0), depthwise_rate=opt("depthwise_rate", 1.0),
             reference_clock_mhz=opt("reference_clock_mhz", 0.0), overhead_scale=oscale,
             unfused_ops=frozenset(str(o) for o in table.get("unfused_ops", ())),
+            fitted=tuple(str(p) for p in table.get("fitted", ())),
         )
     return out
 
@@ -155,8 +157,13 @@ def layer_seconds(profile: DeviceProfile, eff: Efficiency, layer: Layer, precisi
     return max(compute, memory) + eff.overhead_s(profile, cp)
 
 
-def source_of(profile: DeviceProfile, eff: Efficiency) -> str:
-    fitted = "fitted on published latencies" if eff.source.startswith("fitted") else "NOT fitted: prior guess"
+def source_of(profile: DeviceProfile, eff: Efficiency, precision: str | None = None) -> str:
+    if not eff.source.startswith("fitted"):
+        fitted = "NOT fitted: prior guess"
+    elif precision is not None and compute_precision(precision, eff) not in eff.fitted:
+        fitted = f"fitted on published latencies, but not at {compute_precision(precision, eff)}: its compute factor is a prior"
+    else:
+        fitted = "fitted on published latencies"
     return f"roofline from {profile.file_name}, efficiency {eff.device_class} ({Path(eff.file).name}, {fitted})"
 
 
@@ -164,7 +171,7 @@ def layer_cost(profile: DeviceProfile, layer: Layer, precision: str) -> Cost:
     """Estimated cost of one layer at batch 1: weight bytes and latency, sourced to the TOML."""
     eff = efficiency_for(profile)
     seconds = layer_seconds(profile, eff, layer, precision)
-    return Cost(weight_bytes(layer, precision), seconds * 1e3, "estimated", source_of(profile, eff))
+    return Cost(weight_bytes(layer, precision), seconds * 1e3, "estimated", source_of(profile, eff, precision))
 
 
 def model_estimate(

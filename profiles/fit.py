@@ -78,7 +78,8 @@ def _apply(eff: Efficiency, theta: np.ndarray) -> Efficiency:
     v = [float(x) for x in np.exp(theta)]
     return replace(
         eff, compute={**eff.compute, "int8": v[0], "fp16": v[1]}, memory=v[2], activation_dram=v[3],
-        layer_overhead_us=v[4], model_overhead_us=v[5], overhead_scale={**eff.overhead_scale, "fp16": v[6]},
+        # fp32 launches like fp16 (no published fp32 figure to fit it apart)
+        layer_overhead_us=v[4], model_overhead_us=v[5], overhead_scale={**eff.overhead_scale, "fp16": v[6], "fp32": v[6]},
         depthwise_rate=v[7],
     )
 
@@ -153,6 +154,8 @@ def efficiency_toml(effs: dict[str, Efficiency], summaries: dict[str, str]) -> s
             f'weight_only_compute = "{eff.weight_only_compute}"',
             f"compute = {{ {comp} }}",
         ]
+        if cls in summaries:
+            lines.append('fitted = ["int8", "fp16"]  # precisions with published figures; others keep their prior')
         if eff.unfused_ops:
             lines.append("unfused_ops = [" + ", ".join(f'"{o}"' for o in sorted(eff.unfused_ops)) + "]")
         if eff.overhead_scale:
