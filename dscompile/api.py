@@ -25,7 +25,7 @@ from dscompile.fileio import check_writable, write_text
 from dscompile.pipeline import CompileOptions, CompileResult, compile_model
 
 __all__ = ["CalibrateResult", "PlanResult", "build", "plan", "CompileOptions", "CompileResult", "DataOptions", "IngestOptions", "calibrate",
-           "compile", "inspect"]
+           "compile", "inspect", "profile"]
 
 log = logging.getLogger("dscompile")
 
@@ -181,3 +181,42 @@ def build(model: str | Path, plan_file: str | Path, target: str = "ort-cpu", out
     """Build ``plan_file`` for ``model`` exactly as written (checked), verify it, write artifact + report."""
     opts = replace(options or CompileOptions(), plan=Path(plan_file), calib=Path(calib) if calib else None)
     return compile(model, target=target, output=output, options=opts, **overrides)
+
+
+def profile(
+    paths: list[str | Path],
+    devices: list[str] | None = None,
+    precisions: list[str] | None = None,
+    batches: list[int] | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    options: Any = None,
+) -> Any:
+    """The FPS matrix of models/artifacts on devices; written to ``output`` (a folder) when given.
+
+    ``options`` is a ``dscompile.profiler.ProfileOptions``; the other arguments override its fields.
+    """
+    from dscompile import profiler
+    from dscompile.profiles.devices import THIS_CPU, get_device
+    from dscompile.profiles.matrix import save_matrix
+
+    opts = options or profiler.ProfileOptions()
+    overrides: dict[str, Any] = {}
+    if devices:
+        overrides["devices"] = tuple(devices)
+    if precisions:
+        overrides["precisions"] = tuple(precisions)
+    if batches:
+        overrides["batches"] = tuple(batches)
+    opts = replace(opts, **overrides)
+    for d in opts.devices:
+        if d != THIS_CPU:
+            get_device(d)  # unknown names fail here, listing the known ones, before any work
+    if output is not None:
+        from dscompile.fileio import check_writable
+
+        check_writable(output, force)
+    matrix = profiler.profile_paths([Path(p) for p in paths], opts)
+    if output is not None:
+        save_matrix(matrix, output, force)
+    return matrix

@@ -44,6 +44,7 @@ def command(output: Path | None, force: bool, as_json: bool) -> None:
     ts_path = folder / "digits_cnn.pt"
     torch.jit.save(torch.jit.trace(model, torch.from_numpy(data.x_test[:1])), str(ts_path))
     reports = {}
+    artifacts = []
     for name in target_names():
         target = get_target(name)
         ok, why = target.available()
@@ -57,9 +58,28 @@ def command(output: Path | None, force: bool, as_json: bool) -> None:
         )
         result = api.compile(ts_path, target=name, options=opts)
         reports[name] = result.report
+        artifacts.append(result.output)
         if not as_json:
             show_summary(result.report, result.output, result.report_path)
+    matrix = _matrix(artifacts, folder)
     if as_json:
-        emit_json({"folder": str(folder), "accuracy": accuracy, "reports": reports})
+        emit_json({"folder": str(folder), "accuracy": accuracy, "reports": reports, "matrix": matrix.to_json()})
     else:
-        console.out.print(f"demo files in {folder}")
+        from dscompile.commands.profile import show_matrix
+
+        show_matrix(matrix)
+        console.out.print(f"demo files in {folder} (the FPS matrix in {folder / 'matrix'}/)")
+
+
+DEMO_DEVICES = ("this-cpu", "jetson-agx-orin-64gb", "jetson-orin-nano-8gb", "snapdragon-8-gen2")
+
+
+def _matrix(artifacts: list[Path], folder: Path):
+    """The demo ends with the FPS matrix of what it built: measured here, estimated on the edge devices."""
+    from dscompile.profiler import ProfileOptions
+    from dscompile.profiles.measure import Settings
+
+    console.log.info("profiling: measured on this machine, estimated from the device profiles...")
+    opts = ProfileOptions(devices=DEMO_DEVICES, precisions=("fp32", "fp16", "int8"),
+                          settings=Settings(budget_s=1.0))
+    return api.profile(artifacts, output=folder / "matrix", force=True, options=opts)
