@@ -1,0 +1,224 @@
+"""Quantisation grids for distillation: weight groups, scales, fake-quant with learned step sizes.
+
+A weight grid is symmetric and narrow-range (q in [-qmax, qmax], scale = group
+absmax / qmax): the lowering recomputes exactly that scale from the float weights
+it is handed, so weights written back on this grid (with each group's largest
+element kept at +-qmax) are reproduced bit for bit by round-to-nearest.
+Groups are one per tensor, one per channel along ``axis``, or blocks of
+``block_size`` along ``block_axis`` (every other index its own group).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from dscompile.compiler.capabilities import INT4_WEIGHT, INT8_DYNAMIC, INT16X8, WEIGHT_BITS
+
+
+@dataclass(frozen=True)
+class WeightGrid:
+    bits: int
+    axis: int | None = None  # channel axis; None: one scale for the tensor
+    block_axis: int | None = None  # block-wise: blocks of block_size along this axis
+    block_size: int = 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def describe(self) -> str:
+        if self.block_axis is not None:
+            return f"int{self.bits} blocks of {self.block_size} along axis {self.block_axis}"
+        return f"int{self.bits} per-channel (axis {self.axis})" if self.axis is not None else f"int{self.bits} per-tensor"
+
+
+@dataclass(frozen=True)
+class ActGrid:
+    """Activation quantiser at a layer's entry: ``scale`` and integer range; zero point for uint8."""
+
+    bits: int
+    scale: float
+    zero_point: int = 0
+    qmin: int = -128
+    qmax: int = 127
+    dynamic: bool = False  # int8_dynamic: range taken per batch at run time
+
+    def amax(self) -> float:
+        return self.scale * self.qmax
+
+    def to_plan(self, method: str) -> dict[str, Any]:
+        """The plan's activation entry for this grid (symmetric: amax; asymmetric: min/max)."""
+        if self.zero_point == 0 and self.qmin < 0:
+            return {"method": method, "amax": float(self.scale * self.qmax)}
+        return {"method": method, "min": float((self.qmin - self.zero_point) * self.scale),
+                "max": float((self.qmax - self.zero_point) * self.scale)}
+
+
+def default_weight_axis(op: str, weight_shape: tuple[int, ...], trans_b: bool = False) -> int:
+    """The output-channel axis of a layer's weight: Conv O, ConvTranspose O/g, Gemm/MatMul N."""
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        return 1
+    if op == "Gemm":
+        return 0 if trans_b else 1
+    return len(weight_shape) - 1  # MatMul: [.., K, N]
+
+
+def weight_grid(precision: str, scheme: dict[str, Any], op: str, shape: tuple[int, ...], trans_b: bool = False) -> WeightGrid:
+    """The grid a plan layer asks for (``LayerPlan.weights``), with defaults by precision."""
+    bits = int(scheme.get("bits", WEIGHT_BITS.get(precision, 8)))
+    kind = scheme.get("scheme", "blockwise" if precision == INT4_WEIGHT and "block_size" in scheme else "per_channel")
+    axis = scheme.get("axis", default_weight_axis(op, shape, trans_b))
+    axis = axis % len(shape) if axis is not None and len(shape) else None
+    if kind in ("blockwise", "block") or "block_size" in scheme:
+        # blocks run along the reduction (input) axis, one column of blocks per output channel
+        red = _reduction_axis(op, shape, trans_b)
+        return WeightGrid(bits, axis, red, int(scheme.get("block_size", 32)))
+    if kind in ("per_tensor", "tensor"):
+        return WeightGrid(bits, None)
+    return WeightGrid(bits, axis)
+
+
+def _reduction_axis(op: str, shape: tuple[int, ...], trans_b: bool) -> int:
+    if op == "Gemm":
+        return 1 if trans_b else 0
+    if op in ("Conv", "ConvTranspose"):
+        return 1 if op == "Conv" else 0
+    return max(len(shape) - 2, 0)
+
+
+def group_ids(shape: tuple[int, ...], grid: WeightGrid) -> np.ndarray:
+    """For each weight element, the index of the scale group it belongs to (int64, same shape)."""
+    if grid.block_axis is None:
+        if grid.axis is None:
+            return np.zeros(shape, np.int64)
+        view = [1] * len(shape)
+        view[grid.axis] = shape[grid.axis]
+        return np.broadcast_to(np.arange(shape[grid.axis]).reshape(view), shape).astype(np.int64)
+    dims = list(shape)
+    dims[grid.block_axis] = -(-shape[grid.block_axis] // grid.block_size)
+    ids = np.zeros(shape, np.int64)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        coord = np.arange(shape[d])
+        if d == grid.block_axis:
+            coord = coord // grid.block_size
+        view = [1] * len(shape)
+        view[d] = shape[d]
+        ids = ids + coord.reshape(view) * stride
+        stride *= dims[d]
+    return ids
+
+
+def group_absmax(w: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Largest |w| per group, as a vector indexed by group id."""
+    out = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.float64)
+    np.maximum.at(out, ids.ravel(), np.abs(w.astype(np.float64)).ravel())
+    return out
+
+
+def rtn_scales(w: np.ndarray, ids: np.ndarray, grid: WeightGrid) -> np.ndarray:
+    """The lowering's scales: group absmax / qmax (a tiny floor keeps all-zero groups finite)."""
+    return np.maximum(group_absmax(w, ids), 1e-12) / grid.qmax
+
+
+def mse_scales(w: np.ndarray, ids: np.ndarray, grid: WeightGrid, ratios: tuple[float, ...] = ()) -> np.ndarray:
+    """Per-group scale among clipped ranges (absmax * ratio) that minimises the rounding MSE.
+
+    Elements beyond the clip land on +-qmax, so the group absmax of the written
+    weights is still scale * qmax and the lowering recomputes the same scale.
+    """
+    ratios = ratios or tuple(np.linspace(1.0, 0.5, 11))
+    base = rtn_scales(w, ids, grid)
+    flat, gid = w.astype(np.float64).ravel(), ids.ravel()
+    best_err = np.full(base.shape, np.inf)
+    best = base.copy()
+    for r in ratios:
+        s = base * r
+        q = np.clip(np.round(flat / s[gid]), -grid.qmax, grid.qmax)
+        err = np.bincount(gid, (q * s[gid] - flat) ** 2, minlength=base.size)
+        better = err < best_err
+        best[better], best_err[better] = s[better], err[better]
+    return best
+
+
+def quantize_rtn(w: np.ndarray, scales: np.ndarray, ids: np.ndarray, grid: WeightGrid) -> np.ndarray:
+    """Integer weights by round-to-nearest on the grid."""
+    return np.clip(np.round(w / scales[ids]), -grid.qmax, grid.qmax).astype(np.int32)
+
+
+def keep_group_max(q: np.ndarray, w: np.ndarray, scales: np.ndarray, ids: np.ndarray, grid: WeightGrid) -> np.ndarray:
+    """Put each group's largest |w| back on +-qmax, so the group's absmax (hence its scale) is unchanged."""
+    amax = group_absmax(w, ids)
+    at_max = (np.abs(w) >= amax[ids]) & (amax[ids] > 0)
+    q = q.copy()
+    q[at_max] = np.clip(np.round(w[at_max] / scales[ids][at_max]), -grid.qmax, grid.qmax)
+    return q
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float64) * scales[ids]).astype(np.float32)
+
+
+# -- activations ---------------------------------------------------------------------------
+
+def act_grid(precision: str, activations: dict[str, Any]) -> ActGrid | None:
+    """The entry quantiser a plan layer's ``activations`` describe; None for weight-only precisions."""
+    if precision == INT8_DYNAMIC:
+        return ActGrid(8, 1.0, 0, 0, 255, dynamic=True)
+    if not activations:
+        return None
+    bits = 16 if precision == INT16X8 else 8
+    if "amax" in activations:
+        qmax = 2 ** (bits - 1) - 1
+        return ActGrid(bits, max(float(activations["amax"]), 1e-12) / qmax, 0, -qmax - 1, qmax)
+    if "min" in activations and "max" in activations:
+        lo, hi = min(float(activations["min"]), 0.0), max(float(activations["max"]), 0.0)
+        qmax = 2 ** bits - 1
+        scale = max(hi - lo, 1e-12) / qmax
+        return ActGrid(bits, scale, int(np.clip(round(-lo / scale), 0, qmax)), 0, qmax)
+    return None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through)."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Same value, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: float, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantise-dequantise with STE rounding; gradients reach ``scale`` as in LSQ."""
+    return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+class ActQuant(torch.nn.Module):
+    """An activation quantiser; ``learn`` makes its step size an LSQ parameter."""
+
+    def __init__(self, grid: ActGrid, learn: bool = False) -> None:
+        super().__init__()
+        self.grid = grid
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(grid.scale)), requires_grad=learn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.grid
+        if g.dynamic:  # asymmetric uint8 from this batch's range, as ORT's dynamic quantisation does
+            lo, hi = torch.clamp(x.min().detach(), max=0.0), torch.clamp(x.max().detach(), min=0.0)
+            scale = torch.clamp((hi - lo) / 255.0, min=1e-12)
+            return fake_quant(x, scale, torch.round(-lo / scale).item(), 0, 255)
+        scale = torch.exp(self.log_scale)
+        if self.log_scale.requires_grad:
+            scale = grad_scaled(scale, 1.0 / math.sqrt(max(x.numel(), 1) * g.qmax))
+        return fake_quant(x, scale, g.zero_point, g.qmin, g.qmax)
+
+    def learned(self) -> ActGrid:
+        g = self.grid
+        return ActGrid(g.bits, float(torch.exp(self.log_scale).item()), g.zero_point, g.qmin, g.qmax, g.dynamic)
