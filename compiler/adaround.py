@@ -51,37 +51,40 @@ class RoundingResult:
 
 
 class SoftRounding(torch.nn.Module):
-    def __init__(self, w: np.ndarray, scale_full: np.ndarray, qmax: int) -> None:
+    """Codes ``floor(w/s) + zp + h(alpha)`` clipped to the grid's range; value ``(code - zp) * s``."""
+
+    def __init__(self, w: np.ndarray, scale_full: np.ndarray, zp_full: np.ndarray, qrange: tuple[int, int]) -> None:
         super().__init__()
         ws = w.astype(np.float64) / scale_full
-        self.register_buffer("floor", torch.from_numpy(np.floor(ws).astype(np.float32)))
+        self.register_buffer("floor", torch.from_numpy((np.floor(ws) + zp_full).astype(np.float32)))
         self.register_buffer("scale", torch.from_numpy(scale_full.astype(np.float32)))
+        self.register_buffer("zp", torch.from_numpy(zp_full.astype(np.float32)))
         rest = np.clip(ws - np.floor(ws), 0.0, 1.0)
         self.alpha = torch.nn.Parameter(torch.from_numpy(-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1).astype(np.float32)))
-        self.qmax = qmax
+        self.qrange = qrange
 
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def q(self, hard: bool) -> torch.Tensor:
         up = (self.alpha >= 0).float() if hard else self.h()  # h >= 0.5  <=>  alpha >= 0
-        return torch.clamp(self.floor + up, -self.qmax, self.qmax)
+        return torch.clamp(self.floor + up, *self.qrange)
 
     def forward(self, hard: bool = False) -> torch.Tensor:
-        return self.q(hard) * self.scale
+        return (self.q(hard) - self.zp) * self.scale
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).mean()
 
 
 def learn_rounding(
-    layer: LayerModel, data: LayerData, w: np.ndarray, scale_full: np.ndarray, qmax: int,
-    b: np.ndarray | None, act: ActGrid | None, learn_act: bool, opts: RoundingOptions,
+    layer: LayerModel, data: LayerData, w: np.ndarray, scale_full: np.ndarray, zp_full: np.ndarray,
+    qrange: tuple[int, int], b: np.ndarray | None, act: ActGrid | None, learn_act: bool, opts: RoundingOptions,
     progress: Progress | None = None,
 ) -> RoundingResult:
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    soft = SoftRounding(w, scale_full, qmax)
+    soft = SoftRounding(w, scale_full, zp_full, qrange)
     quant = ActQuant(act, learn_act) if act is not None else None
     bias = torch.from_numpy(b.astype(np.float32)) if b is not None else None
     groups = [{"params": [soft.alpha], "lr": opts.lr}]

@@ -24,7 +24,7 @@ from dscompile.compiler.bias_correction import corrected_bias, output_shift
 from dscompile.compiler.distill_capture import Capturer, student_model
 from dscompile.compiler.distill_data import LayerData, samples_within
 from dscompile.compiler.distill_ops import LayerModel
-from dscompile.compiler.distill_quant import ActQuant, dequantize, keep_group_max, mse_scales
+from dscompile.compiler.distill_quant import ActQuant, dequantize, keep_extremes, mse_params
 from dscompile.compiler.distill_state import (
     PlannedLayer,
     current_entries,
@@ -79,17 +79,17 @@ def _one_layer(model, layers, pl: PlannedLayer, fp32: Capturer, train, holdout, 
     quant_in = ActQuant(pl.act).eval() if pl.act is not None else (lambda t: t)
     b0 = _t(pl.b)
     w_rtn = torch.from_numpy(pl.w_rtn())
-    candidates = {"rtn": (pl.q, pl.scales, pl.b, pl.act, layer_error(layer, held, w_rtn, b0, quant_in))}
+    candidates = {"rtn": (pl.q, pl.scales, pl.zps, pl.b, pl.act, layer_error(layer, held, w_rtn, b0, quant_in))}
     if opts.bias_correction and _can_correct(pl):
         b_bc = corrected_bias(pl.b, output_shift(layer, fit, w_rtn, b0, quant_in))
-        candidates["rtn+bc"] = (pl.q, pl.scales, b_bc, pl.act, layer_error(layer, held, w_rtn, _t(b_bc), quant_in))
+        candidates["rtn+bc"] = (pl.q, pl.scales, pl.zps, b_bc, pl.act, layer_error(layer, held, w_rtn, _t(b_bc), quant_in))
     notes = {"samples": n_train, "holdout_samples": n_hold}
     if opts.reconstruct:
         notes.update(_learn(pl, layer, fit, held, opts, share, progress, candidates))
-    best = min(candidates, key=lambda k: candidates[k][4])
-    pl.q, pl.q_scales, pl.b_now, pl.act_now, err = candidates[best]
+    best = min(candidates, key=lambda k: candidates[k][-1])
+    pl.q, pl.q_scales, pl.q_zps, pl.b_now, pl.act_now, err = candidates[best]
     notes.update({
-        "method": best, "error_before": candidates["rtn"][4], "error_after": err,
+        "method": best, "error_before": candidates["rtn"][-1], "error_after": err,
         "time_s": round(time.perf_counter() - t0, 3),
     })
     if opts.reconstruct and best != "adaround" and "adaround" in candidates:
@@ -100,17 +100,17 @@ def _one_layer(model, layers, pl: PlannedLayer, fp32: Capturer, train, holdout, 
 
 def _learn(pl: PlannedLayer, layer: LayerModel, fit: LayerData, held: LayerData, opts: LayerOptions,
            share: float | None, progress, candidates: dict) -> dict:
-    scales = mse_scales(pl.w, pl.ids, pl.grid)
+    scales, zps = mse_params(pl.w, pl.ids, pl.grid)
     ropts = replace(opts.rounding, time_s=share) if share else opts.rounding
-    res = learn_rounding(layer, fit, pl.w, scales[pl.ids], pl.grid.qmax, pl.b, pl.act,
+    res = learn_rounding(layer, fit, pl.w, scales[pl.ids], zps[pl.ids], pl.grid.qrange, pl.b, pl.act,
                          opts.learn_activations and pl.act is not None and not pl.act.dynamic, ropts, progress)
-    q = keep_group_max(res.q, pl.w, scales, pl.ids, pl.grid)
-    wq = torch.from_numpy(dequantize(q, scales, pl.ids))
+    q = keep_extremes(res.q, pl.w, scales, zps, pl.ids, pl.grid)
+    wq = torch.from_numpy(dequantize(q, scales, zps, pl.ids))
     quant_l = ActQuant(res.act).eval() if res.act is not None else (lambda t: t)
     b = pl.b
     if opts.bias_correction and _can_correct(pl):
         b = corrected_bias(pl.b, output_shift(layer, fit, wq, _t(pl.b), quant_l))
-    candidates["adaround"] = (q, scales, b, res.act, layer_error(layer, held, wq, _t(b), quant_l))
+    candidates["adaround"] = (q, scales, zps, b, res.act, layer_error(layer, held, wq, _t(b), quant_l))
     notes = {"steps": res.steps, "train_loss": res.final_loss}
     if res.diverged:
         notes["diverged"] = "loss became NaN/inf; stopped and kept the last finite state"
@@ -124,7 +124,7 @@ def _can_correct(pl: PlannedLayer) -> bool:
 
 
 def _t(a: np.ndarray | None) -> torch.Tensor | None:
-    return torch.from_numpy(np.asarray(a, np.float32)) if a is not None else None
+    return torch.from_numpy(np.array(a, np.float32)) if a is not None else None
 
 
 def _bytes_per_sample(fp32: Capturer, pl: PlannedLayer, probe: Sequence[Feed]) -> int:

@@ -1,9 +1,11 @@
 """Quantisation grids for distillation: weight groups, scales, fake-quant with learned step sizes.
 
-A weight grid is symmetric and narrow-range (q in [-qmax, qmax], scale = group
-absmax / qmax): the lowering recomputes exactly that scale from the float weights
-it is handed, so weights written back on this grid (with each group's largest
-element kept at +-qmax) are reproduced bit for bit by round-to-nearest.
+A weight grid is what the lowering (compiler/qdq.py) computes from the float
+weights it is handed: symmetric narrow-range (q in [-qmax, qmax], scale = group
+absmax / qmax) or, for int4 blocks, asymmetric (codes 0..15, scale and zero
+point from the group's range). Weights written back on the grid, with each
+group's extreme elements kept on their end codes, give the lowering the same
+scales, so its round-to-nearest reproduces the learned codes bit for bit.
 Groups are one per tensor, one per channel along ``axis``, or blocks of
 ``block_size`` along ``block_axis`` (every other index its own group).
 """
@@ -25,15 +27,23 @@ class WeightGrid:
     axis: int | None = None  # channel axis; None: one scale for the tensor
     block_axis: int | None = None  # block-wise: blocks of block_size along this axis
     block_size: int = 0
+    symmetric: bool = True  # False: unsigned codes with a zero point per group (MatMulNBits' default)
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return (-self.qmax, self.qmax) if self.symmetric else (0, 2 ** self.bits - 1)
+
     def describe(self) -> str:
+        kind = "" if self.symmetric else " asymmetric"
         if self.block_axis is not None:
-            return f"int{self.bits} blocks of {self.block_size} along axis {self.block_axis}"
-        return f"int{self.bits} per-channel (axis {self.axis})" if self.axis is not None else f"int{self.bits} per-tensor"
+            return f"int{self.bits}{kind} blocks of {self.block_size} along axis {self.block_axis}"
+        if self.axis is not None:
+            return f"int{self.bits}{kind} per-channel (axis {self.axis})"
+        return f"int{self.bits}{kind} per-tensor"
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ def weight_grid(precision: str, scheme: dict[str, Any], op: str, shape: tuple[in
     if kind in ("blockwise", "block") or "block_size" in scheme:
         # blocks run along the reduction (input) axis, one column of blocks per output channel
         red = _reduction_axis(op, shape, trans_b)
-        return WeightGrid(bits, axis, red, int(scheme.get("block_size", 32)))
+        return WeightGrid(bits, axis, red, int(scheme.get("block_size", 32)), bool(scheme.get("symmetric", True)))
     if kind in ("per_tensor", "tensor"):
         return WeightGrid(bits, None)
     return WeightGrid(bits, axis)
@@ -115,54 +125,84 @@ def group_ids(shape: tuple[int, ...], grid: WeightGrid) -> np.ndarray:
     return ids
 
 
-def group_absmax(w: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Largest |w| per group, as a vector indexed by group id."""
-    out = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.float64)
-    np.maximum.at(out, ids.ravel(), np.abs(w.astype(np.float64)).ravel())
+def group_reduce(w: np.ndarray, ids: np.ndarray, kind: str) -> np.ndarray:
+    """Per-group max |w| ("absmax"), min or max, as a vector indexed by group id."""
+    n = int(ids.max()) + 1 if ids.size else 1
+    flat, gid = w.astype(np.float64).ravel(), ids.ravel()
+    if kind == "absmax":
+        out = np.zeros(n)
+        np.maximum.at(out, gid, np.abs(flat))
+    elif kind == "min":
+        out = np.full(n, np.inf)
+        np.minimum.at(out, gid, flat)
+    else:
+        out = np.full(n, -np.inf)
+        np.maximum.at(out, gid, flat)
     return out
 
 
-def rtn_scales(w: np.ndarray, ids: np.ndarray, grid: WeightGrid) -> np.ndarray:
-    """The lowering's scales: group absmax / qmax (a tiny floor keeps all-zero groups finite)."""
-    return np.maximum(group_absmax(w, ids), 1e-12) / grid.qmax
+def grid_params(lo: np.ndarray, hi: np.ndarray, grid: WeightGrid) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, zero points) per group from group ranges, exactly as the lowering computes them
+    (symmetric: absmax / qmax; asymmetric: (hi - lo) / (2^b - 1) over a range holding 0)."""
+    if grid.symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        return np.where(amax > 0, amax / grid.qmax, 1.0), np.zeros(amax.shape)
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    top = grid.qrange[1]
+    scale = np.where(hi > lo, (hi - lo) / top, 1.0)
+    return scale, np.clip(np.rint(-lo / scale), 0, top)
 
 
-def mse_scales(w: np.ndarray, ids: np.ndarray, grid: WeightGrid, ratios: tuple[float, ...] = ()) -> np.ndarray:
-    """Per-group scale among clipped ranges (absmax * ratio) that minimises the rounding MSE.
+def rtn_params(w: np.ndarray, ids: np.ndarray, grid: WeightGrid, ratio: float | np.ndarray = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The lowering's (scales, zero points); ``ratio`` < 1 clips the range."""
+    if grid.symmetric:
+        amax = group_reduce(w, ids, "absmax") * ratio
+        return grid_params(-amax, amax, grid)
+    return grid_params(group_reduce(w, ids, "min") * ratio, group_reduce(w, ids, "max") * ratio, grid)
 
-    Elements beyond the clip land on +-qmax, so the group absmax of the written
-    weights is still scale * qmax and the lowering recomputes the same scale.
+
+def mse_params(w: np.ndarray, ids: np.ndarray, grid: WeightGrid, ratios: tuple[float, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group clipped range (ratio of the full one) that minimises the rounding MSE.
+
+    Elements beyond the clip land on the end codes, so the written weights' range
+    is still the clipped one and the lowering recomputes the same scale.
     """
     ratios = ratios or tuple(np.linspace(1.0, 0.5, 11))
-    base = rtn_scales(w, ids, grid)
     flat, gid = w.astype(np.float64).ravel(), ids.ravel()
-    best_err = np.full(base.shape, np.inf)
-    best = base.copy()
+    best_err, best = None, None
     for r in ratios:
-        s = base * r
-        q = np.clip(np.round(flat / s[gid]), -grid.qmax, grid.qmax)
-        err = np.bincount(gid, (q * s[gid] - flat) ** 2, minlength=base.size)
+        s, z = rtn_params(w, ids, grid, r)
+        q = np.clip(np.rint(flat / s[gid]) + z[gid], *grid.qrange)
+        err = np.bincount(gid, ((q - z[gid]) * s[gid] - flat) ** 2, minlength=s.size)
+        if best is None:
+            best_err, best = err, (s.copy(), z.copy())
+            continue
         better = err < best_err
-        best[better], best_err[better] = s[better], err[better]
+        best[0][better], best[1][better], best_err[better] = s[better], z[better], err[better]
     return best
 
 
-def quantize_rtn(w: np.ndarray, scales: np.ndarray, ids: np.ndarray, grid: WeightGrid) -> np.ndarray:
-    """Integer weights by round-to-nearest on the grid."""
-    return np.clip(np.round(w / scales[ids]), -grid.qmax, grid.qmax).astype(np.int32)
+def quantize_rtn(w: np.ndarray, scales: np.ndarray, zps: np.ndarray, ids: np.ndarray, grid: WeightGrid) -> np.ndarray:
+    """Integer codes by round-to-nearest (half to even, as numpy and onnxruntime round)."""
+    return np.clip(np.rint(w / scales[ids]) + zps[ids], *grid.qrange).astype(np.int32)
 
 
-def keep_group_max(q: np.ndarray, w: np.ndarray, scales: np.ndarray, ids: np.ndarray, grid: WeightGrid) -> np.ndarray:
-    """Put each group's largest |w| back on +-qmax, so the group's absmax (hence its scale) is unchanged."""
-    amax = group_absmax(w, ids)
-    at_max = (np.abs(w) >= amax[ids]) & (amax[ids] > 0)
+def keep_extremes(q: np.ndarray, w: np.ndarray, scales: np.ndarray, zps: np.ndarray, ids: np.ndarray,
+                  grid: WeightGrid) -> np.ndarray:
+    """Put each group's extreme weights back on their round-to-nearest codes (the end codes),
+    so the range of the written weights, hence the lowering's scale, is unchanged."""
+    if grid.symmetric:
+        amax = group_reduce(w, ids, "absmax")
+        at = (np.abs(w) >= amax[ids]) & (amax[ids] > 0)
+    else:
+        at = (w <= group_reduce(w, ids, "min")[ids]) | (w >= group_reduce(w, ids, "max")[ids])
     q = q.copy()
-    q[at_max] = np.clip(np.round(w[at_max] / scales[ids][at_max]), -grid.qmax, grid.qmax)
+    q[at] = quantize_rtn(w, scales, zps, ids, grid)[at]
     return q
 
 
-def dequantize(q: np.ndarray, scales: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    return (q.astype(np.float64) * scales[ids]).astype(np.float32)
+def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return ((q.astype(np.float64) - zps[ids]) * scales[ids]).astype(np.float32)
 
 
 # -- activations ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dscompile.compiler.distill_quant import (
     dequantize,
     group_ids,
     quantize_rtn,
-    rtn_scales,
+    rtn_params,
     weight_grid,
 )
 from dscompile.compiler.graph import ModelGraph
@@ -49,11 +49,13 @@ class PlannedLayer:
     ids: np.ndarray
     w: np.ndarray  # FP32 weight
     b: np.ndarray | None  # FP32 bias
-    scales: np.ndarray  # RTN scales (group absmax / qmax)
+    scales: np.ndarray  # RTN scales per group (what the lowering computes)
+    zps: np.ndarray  # RTN zero points per group (0 on symmetric grids)
     act: ActGrid | None
     # current choice (starts at round-to-nearest):
     q: np.ndarray = field(default=None)  # type: ignore[assignment]
     q_scales: np.ndarray = field(default=None)  # type: ignore[assignment]
+    q_zps: np.ndarray = field(default=None)  # type: ignore[assignment]
     b_now: np.ndarray | None = None
     act_now: ActGrid | None = None
     notes: dict[str, Any] = field(default_factory=dict)
@@ -63,11 +65,14 @@ class PlannedLayer:
             self.reset()
 
     def reset(self) -> None:
-        self.q, self.q_scales = quantize_rtn(self.w, self.scales, self.ids, self.grid), self.scales
+        self.q, self.q_scales, self.q_zps = self.q_rtn(), self.scales, self.zps
         self.b_now, self.act_now = self.b, self.act
 
+    def q_rtn(self) -> np.ndarray:
+        return quantize_rtn(self.w, self.scales, self.zps, self.ids, self.grid)
+
     def w_now(self) -> np.ndarray:
-        return dequantize(self.q, self.q_scales, self.ids)
+        return dequantize(self.q, self.q_scales, self.q_zps, self.ids)
 
     @property
     def bias_name(self) -> str | None:
@@ -77,7 +82,7 @@ class PlannedLayer:
         return f"{self.spec.weight}__distill_bias" if self.b_now is not None else None
 
     def w_rtn(self) -> np.ndarray:
-        return dequantize(quantize_rtn(self.w, self.scales, self.ids, self.grid), self.scales, self.ids)
+        return dequantize(self.q_rtn(), self.scales, self.zps, self.ids)
 
 
 def planned_layers(model: onnx.ModelProto, plan: QuantPlan) -> tuple[list[PlannedLayer], list[str]]:
@@ -98,7 +103,8 @@ def planned_layers(model: onnx.ModelProto, plan: QuantPlan) -> tuple[list[Planne
         grid = weight_grid(lp.precision, lp.weights, spec.op.op, tuple(w.shape), spec.trans_b)
         ids = group_ids(tuple(w.shape), grid)
         b = initializer(model, spec.bias) if spec.bias else None
-        layers.append(PlannedLayer(lp, spec, grid, ids, w, b, rtn_scales(w, ids, grid), act_grid(lp.precision, lp.activations)))
+        scales, zps = rtn_params(w, ids, grid)
+        layers.append(PlannedLayer(lp, spec, grid, ids, w, b, scales, zps, act_grid(lp.precision, lp.activations)))
     layers.sort(key=lambda pl: order.get(pl.spec.anchor.name, 0))
     return layers, skipped
 
