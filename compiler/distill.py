@@ -28,14 +28,13 @@ from dscompile.compiler.distill_state import (
     PlannedLayer,
     annotate_plan,
     current_entries,
-    current_weights,
     planned_layers,
     shared_weights,
     small_constants,
-    with_biases,
     write_back,
 )
 from dscompile.compiler.graph import ModelGraph
+from dscompile.compiler.normalize import normalize
 from dscompile.compiler.plan import QuantPlan
 from dscompile.compiler.runtime import ort_version
 
@@ -66,6 +65,7 @@ class DistillOptions:
     threads: int | None = None
     temperature: float = 4.0  # e2e: softening of the outputs for the KL loss
     feature_loss: float = 0.0  # e2e: weight of the per-layer feature MSE
+    lr_scale: float = 1.0  # multiplies every learning rate (a diverging run falls back by itself)
 
 
 @dataclass(frozen=True)
@@ -77,53 +77,88 @@ class DistillResult:
 
 
 Progress = Callable[[str, int, int, int, int, float], None]
+# Builds a plan for the target and runs it: (graph, plan, feeds) -> (outputs per feed, "measured with ...").
+RunPlan = Callable[[ModelGraph, QuantPlan, Sequence[Feed]], tuple[list[list[np.ndarray]], str]]
 
 
 def distill(
     graph: ModelGraph, plan: QuantPlan, samples: Sequence[Feed], options: DistillOptions = DistillOptions(),
-    torch_module: Any = None, progress: Progress | None = None, only: Sequence[str] | None = None,
+    torch_module: Any = None, progress: Progress | None = None, run_plan: RunPlan | None = None,
 ) -> DistillResult:
-    """Run distillation on ``plan``'s weight-quantised layers (or just the ``only`` named ones)."""
-    if options.mode not in MODES:
-        raise InputError(f"--distill {options.mode!r}: expected one of {', '.join(MODES)}")
-    if options.mode == "e2e" and torch_module is None:
-        raise InputError(
-            f"--distill e2e needs the model's torch source (TorchScript .pt, torch.export .pt2 or a pickled "
-            f"nn.Module) as the FP32 teacher; {graph.source.path} is ONNX-only: use --distill layer, "
-            "which reconstructs layer by layer on any ONNX model"
-        )
-    start = time.perf_counter()
-    layers, skipped = planned_layers(graph.model, plan)
-    shared = shared_weights(layers)
-    skipped += [f"{pl.plan.name}: its weight is shared with another layer" for pl in layers if pl.spec.weight in shared]
-    layers = [pl for pl in layers if pl.spec.weight not in shared and (only is None or pl.plan.name in only)]
-    if not layers:
-        return DistillResult(graph, plan, {"mode": options.mode, "layers": [], "skipped": skipped,
-                                           "why": "no weight-quantised layer to distill"})
-    train, holdout = split_samples(samples, options)
-    model = graph.model
-    reference = run_outputs(model, holdout, options.threads)
-    rtn = _sim_error(model, layers, holdout, reference, options)
-    if options.mode == "e2e":
-        from dscompile.compiler.qat import train_e2e
+    """Distil ``plan``'s weight-quantised layers; see the module docstring."""
+    return Distiller(graph, samples, options, torch_module, progress, run_plan)(plan)
 
-        e2e_notes = train_e2e(graph, layers, train, options, torch_module, progress)
-    else:
-        e2e_notes = {}
-        reconstruct(model, layers, train, holdout, _layer_options(options), small_constants(model), progress,
-                    options.time_s or DEFAULT_TIME_S)
-    after = _sim_error(model, layers, holdout, reference, options)
-    fell_back = after["nmse"] > rtn["nmse"]
-    if fell_back:
-        log.warning("distillation did not beat round-to-nearest on %d held-out samples (error %.4g vs %.4g); "
-                    "falling back to round-to-nearest", len(holdout), after["nmse"], rtn["nmse"])
-        for pl in layers:
-            pl.reset()
-            pl.notes["fell_back"] = True
-    report = _report(options, layers, skipped, rtn, after, fell_back, len(train), len(holdout), start, e2e_notes)
-    new_graph = graph if fell_back else write_back(graph, layers)
-    new_plan = annotate_plan(plan, layers, {}, {k: report[k] for k in ("mode", "fell_back", "time_s")})
-    return DistillResult(new_graph, new_plan, report, fell_back)
+
+class Distiller:
+    """Distillation of one model on fixed samples, for any number of plans.
+
+    Layer results are cached by (layer, precision, grids), so DMPQ's repair loop,
+    which calls this for every round's plan (compiler/repair.py, through
+    dscompile/planning.py's Evaluator), only learns the layers whose precision changed.
+    """
+
+    def __init__(self, graph: ModelGraph, samples: Sequence[Feed], options: DistillOptions = DistillOptions(),
+                 torch_module: Any = None, progress: Progress | None = None, run_plan: RunPlan | None = None) -> None:
+        if options.mode not in MODES:
+            raise InputError(f"--distill {options.mode!r}: expected one of {', '.join(MODES)}")
+        if options.mode == "e2e" and torch_module is None:
+            raise InputError(
+                f"--distill e2e needs the model's torch source (TorchScript .pt, torch.export .pt2 or a pickled "
+                f"nn.Module) as the FP32 teacher; {graph.source.path} is ONNX-only: use --distill layer, "
+                "which reconstructs layer by layer on any ONNX model"
+            )
+        self.graph = ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
+        self.options, self.teacher, self.progress, self.run_plan = options, torch_module, progress, run_plan
+        self.train, self.holdout = split_samples(samples, options)
+        self.reference = run_outputs(self.graph.model, self.holdout, options.threads)
+        self.cache: dict[tuple, tuple] = {}
+
+    def __call__(self, plan: QuantPlan, only: Sequence[str] | None = None) -> DistillResult:
+        start, options, model = time.perf_counter(), self.options, self.graph.model
+        layers, skipped = planned_layers(model, plan)
+        shared = shared_weights(layers)
+        skipped += [f"{pl.plan.name}: its weight is shared with another layer" for pl in layers if pl.spec.weight in shared]
+        layers = [pl for pl in layers if pl.spec.weight not in shared and (only is None or pl.plan.name in only)]
+        if not layers:
+            return DistillResult(self.graph, plan, {"mode": options.mode, "layers": [], "skipped": skipped,
+                                                    "why": "no weight-quantised layer to distill"})
+        before, where = self._error(self.graph, plan, layers)
+        e2e_notes: dict[str, Any] = {}
+        if options.mode == "e2e":
+            from dscompile.compiler.qat import train_e2e
+
+            e2e_notes = train_e2e(self.graph, layers, self.train, options, self.teacher, self.progress)
+        else:
+            reconstruct(model, layers, self.train, self.holdout, _layer_options(options), small_constants(model),
+                        self.progress, options.time_s or DEFAULT_TIME_S, self.cache)
+        summary = {"mode": options.mode}
+        new_graph, new_plan = write_back(self.graph, layers), annotate_plan(plan, layers, summary)
+        after, _ = self._error(new_graph, new_plan, layers)
+        fell_back = after["nmse"] > before["nmse"]
+        if fell_back:
+            log.warning("distillation did not beat round-to-nearest on %d held-out samples (error %.4g vs %.4g); "
+                        "falling back to round-to-nearest", len(self.holdout), after["nmse"], before["nmse"])
+            for pl in layers:
+                pl.reset()
+                pl.notes["fell_back"] = True
+            new_graph, new_plan = self.graph, annotate_plan(plan, layers, summary)
+        report = _report(options, layers, skipped, before, after, fell_back, len(self.train), len(self.holdout),
+                         start, e2e_notes, where)
+        summary.update(fell_back=fell_back, time_s=report["time_s"])
+        return DistillResult(new_graph, new_plan, report, fell_back)
+
+    def _error(self, graph: ModelGraph, plan: QuantPlan, layers: list[PlannedLayer]) -> tuple[dict[str, Any], str]:
+        """Held-out error of ``plan`` on ``graph``'s weights: the target's own build when a runner was
+        given, else the fake-quantised simulation."""
+        if self.run_plan is not None:
+            outs, where = self.run_plan(graph, plan, self.holdout)
+            return output_error(self.reference, outs), where
+        sim = student_model(graph.model, {}, current_entries(layers))
+        where = (f"onnxruntime {ort_version()} CPU on a fake-quantised simulation of the plan "
+                 f"(weights on the distilled grid)")
+        if graph is self.graph:  # before: round-to-nearest weights
+            sim = student_model(model_with_rtn(graph.model, layers), {}, _rtn_entries(layers))
+        return output_error(self.reference, run_outputs(sim, self.holdout, self.options.threads)), where
 
 
 def split_samples(samples: Sequence[Feed], options: DistillOptions) -> tuple[list[Feed], list[Feed]]:
@@ -142,18 +177,29 @@ def split_samples(samples: Sequence[Feed], options: DistillOptions) -> tuple[lis
 
 
 def _layer_options(o: DistillOptions) -> LayerOptions:
-    rounding = RoundingOptions(steps=o.steps or DEFAULT_LAYER_STEPS, batch=o.batch, seed=o.seed)
+    rounding = RoundingOptions(steps=o.steps or DEFAULT_LAYER_STEPS, batch=o.batch, seed=o.seed,
+                               lr=RoundingOptions.lr * o.lr_scale, act_lr=RoundingOptions.act_lr * o.lr_scale)
     return LayerOptions(o.mode == "layer", o.bias_correction, o.learn_activations, rounding, o.memory_mb, o.threads)
 
 
-def _sim_error(model, layers: list[PlannedLayer], holdout, reference, options: DistillOptions) -> dict[str, Any]:
-    sim = student_model(with_biases(model, layers), current_weights(layers), current_entries(layers))
-    return output_error(reference, run_outputs(sim, holdout, options.threads))
+def model_with_rtn(model, layers: list[PlannedLayer]):
+    """The FP32 model with each planned layer's weight rounded to nearest (what the lowering does alone)."""
+    return student_model(model, {pl.spec.weight: pl.w_rtn() for pl in layers}, ({}, {}))
 
 
-def _report(options, layers, skipped, rtn, after, fell_back, n_train, n_hold, start, e2e_notes) -> dict[str, Any]:
-    where = (f"onnxruntime {ort_version()} CPU on a fake-quantised simulation of the plan, "
-             f"{n_hold} held-out calibration samples")
+def _rtn_entries(layers: list[PlannedLayer]):
+    saved = [pl.act_now for pl in layers]
+    for pl in layers:
+        pl.act_now = pl.act
+    try:
+        return current_entries(layers)
+    finally:
+        for pl, a in zip(layers, saved, strict=True):
+            pl.act_now = a
+
+
+def _report(options, layers, skipped, rtn, after, fell_back, n_train, n_hold, start, e2e_notes, where) -> dict[str, Any]:
+    where = f"{where}, {n_hold} held-out calibration samples"
     return {
         "mode": options.mode,
         "samples": {"train": n_train, "holdout": n_hold},
@@ -165,6 +211,7 @@ def _report(options, layers, skipped, rtn, after, fell_back, n_train, n_hold, st
                     **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in pl.notes.items()}} for pl in layers],
         "skipped": skipped,
         "time_s": round(time.perf_counter() - start, 2),
+        "learning_s": round(sum(float(pl.notes.get("time_s", 0.0)) for pl in layers), 2),  # incl. cached rounds
         **({"e2e": e2e_notes} if e2e_notes else {}),
     }
 

@@ -52,23 +52,36 @@ class Capturer:
 
 
 def student_model(
-    model: onnx.ModelProto, weights: dict[str, np.ndarray], entries: dict[str, tuple[str, ActGrid]]
+    model: onnx.ModelProto, weights: dict[str, np.ndarray],
+    entries: tuple[dict[str, ActGrid], dict[str, tuple[str, ActGrid]]],
 ) -> onnx.ModelProto:
-    """The fake-quantised student: ``weights`` replace initializers; ``entries`` maps an anchor
-    node name to (its activation input, the grid to fake-quantise it with)."""
+    """The fake-quantised student. ``weights`` replace initializers; ``entries`` holds the static
+    quantisers per tensor (every consumer reads the quantised value, as with the lowering's shared
+    Q/DQ pair) and the dynamic ones per node (only that node's input)."""
+    tensors, nodes = entries
     m = copy.deepcopy(model)
     for t in m.graph.initializer:
         if t.name in weights:
             t.CopyFrom(numpy_helper.from_array(weights[t.name].astype(numpy_helper.to_array(t).dtype), t.name))
-    nodes = list(m.graph.node)
     out: list[onnx.NodeProto] = []
-    for node in nodes:
-        if node.name in entries:
-            x, grid = entries[node.name]
-            qx = f"{x}__distill_fq_{node.name}"
-            out.extend(_fake_quant_nodes(m, x, qx, grid, node.name))
+    renamed: dict[str, str] = {}
+    for name in [i.name for i in m.graph.input if i.name in tensors]:
+        renamed[name] = f"{name}__distill_fq"
+        out.extend(_fake_quant_nodes(m, name, renamed[name], tensors[name], f"in_{len(renamed)}"))
+    for node in m.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        if node.name in nodes:
+            x, grid = nodes[node.name]
+            qx = f"{x}__distill_dyn_{node.name}"
+            out.extend(_fake_quant_nodes(m, node.input[0], qx, grid, f"dyn_{node.name}"))
             node.input[0] = qx
         out.append(node)
+        for name in node.output:
+            if name in tensors and name not in {o.name for o in m.graph.output}:
+                renamed[name] = f"{name}__distill_fq"
+                out.extend(_fake_quant_nodes(m, name, renamed[name], tensors[name], f"t_{len(renamed)}"))
     del m.graph.node[:]
     m.graph.node.extend(out)
     return m

@@ -51,18 +51,28 @@ class LayerOptions:
 def reconstruct(
     model: onnx.ModelProto, layers: list[PlannedLayer], train: Sequence[Feed], holdout: Sequence[Feed],
     opts: LayerOptions, consts: dict[str, np.ndarray], progress: LayerProgress | None = None,
-    time_budget: float | None = None,
+    time_budget: float | None = None, cache: dict | None = None,
 ) -> None:
-    """Update each PlannedLayer's current choice (q, scales, bias, entry grid) in place."""
+    """Update each PlannedLayer's current choice (q, scales, bias, entry grid) in place.
+
+    ``cache`` maps (layer, precision, grids, mode) to an earlier result for the same layer, reused as is.
+    """
+    cache = {} if cache is None else cache
     fp32 = Capturer(model, [n for pl in layers for n in (pl.spec.x, pl.spec.pre)], opts.threads)
     start = time.perf_counter()
     for i, pl in enumerate(layers):
+        key = (pl.plan.name, pl.plan.precision, pl.grid, pl.act, opts.reconstruct, opts.bias_correction,
+               opts.learn_activations)
+        if key in cache:
+            pl.q, pl.q_scales, pl.q_zps, pl.b_now, pl.act_now, pl.notes = cache[key]
+            continue
         share = None
         if time_budget:
             left = time_budget - (time.perf_counter() - start)
             share = max(left / (len(layers) - i), 0.05)
         _one_layer(model, layers, pl, fp32, train, holdout, opts, consts, share,
                    (lambda s, n, loss, _i=i, _pl=pl: progress(_pl.plan.name, _i, len(layers), s, n, loss)) if progress else None)
+        cache[key] = (pl.q, pl.q_scales, pl.q_zps, pl.b_now, pl.act_now, pl.notes)
 
 
 def _one_layer(model, layers, pl: PlannedLayer, fp32: Capturer, train, holdout, opts: LayerOptions, consts,

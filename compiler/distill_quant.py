@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from dscompile.compiler.capabilities import INT4_WEIGHT, INT8_DYNAMIC, INT16X8, WEIGHT_BITS
+from dscompile.compiler.capabilities import INT4_WEIGHT, INT8, INT8_DYNAMIC, INT16X8, WEIGHT_BITS
+from dscompile.compiler.qdq import affine_params
+from dscompile.compiler.ranges import range_from_json
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,12 @@ class ActGrid:
     qmax: int = 127
     dynamic: bool = False  # int8_dynamic: range taken per batch at run time
 
-    def amax(self) -> float:
-        return self.scale * self.qmax
-
-    def to_plan(self, method: str) -> dict[str, Any]:
-        """The plan's activation entry for this grid (symmetric: amax; asymmetric: min/max)."""
+    def range_json(self) -> dict[str, float]:
+        """A plan range entry from which the lowering recomputes exactly this scale and zero point."""
         if self.zero_point == 0 and self.qmin < 0:
-            return {"method": method, "amax": float(self.scale * self.qmax)}
-        return {"method": method, "min": float((self.qmin - self.zero_point) * self.scale),
+            half = (self.qmax - self.qmin) / 2 if self.bits == 8 else self.qmax
+            return {"amax": float(self.scale * half)}
+        return {"min": float((self.qmin - self.zero_point) * self.scale),
                 "max": float((self.qmax - self.zero_point) * self.scale)}
 
 
@@ -80,16 +80,24 @@ def default_weight_axis(op: str, weight_shape: tuple[int, ...], trans_b: bool = 
 
 
 def weight_grid(precision: str, scheme: dict[str, Any], op: str, shape: tuple[int, ...], trans_b: bool = False) -> WeightGrid:
-    """The grid a plan layer asks for (``LayerPlan.weights``), with defaults by precision."""
-    bits = int(scheme.get("bits", WEIGHT_BITS.get(precision, 8)))
-    kind = scheme.get("scheme", "blockwise" if precision == INT4_WEIGHT and "block_size" in scheme else "per_channel")
+    """The grid a plan layer's ``weights`` entry names (compiler/dmpq.py ``_weight_scheme``).
+
+    ``int8_per_channel_symmetric`` (``bits`` may lower it, e.g. 4 for an emulated
+    W4A8), ``int4_block_zero_point`` / ``int4_block_symmetric`` with ``block_size``,
+    ``per_tensor``; missing entries follow the precision (int4_weight: blocks of 32
+    with zero points, as ort-cpu lowers them).
+    """
+    kind = str(scheme.get("scheme", ""))
+    if not kind or kind == "fp32":
+        kind = "int4_block_zero_point" if precision == INT4_WEIGHT else "int8_per_channel_symmetric"
+    bits = int(scheme.get("bits", 4 if "int4" in kind else WEIGHT_BITS.get(precision, 8)))
     axis = scheme.get("axis", default_weight_axis(op, shape, trans_b))
-    axis = axis % len(shape) if axis is not None and len(shape) else None
-    if kind in ("blockwise", "block") or "block_size" in scheme:
+    axis = axis % len(shape) if axis is not None else None
+    if "block" in kind:
         # blocks run along the reduction (input) axis, one column of blocks per output channel
-        red = _reduction_axis(op, shape, trans_b)
-        return WeightGrid(bits, axis, red, int(scheme.get("block_size", 32)), bool(scheme.get("symmetric", True)))
-    if kind in ("per_tensor", "tensor"):
+        symmetric = bool(scheme.get("symmetric", not kind.endswith("zero_point")))
+        return WeightGrid(bits, axis, _reduction_axis(op, shape, trans_b), int(scheme.get("block_size", 32)), symmetric)
+    if "tensor" in kind:
         return WeightGrid(bits, None)
     return WeightGrid(bits, axis)
 
@@ -207,22 +215,25 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, ids: np.ndarr
 
 # -- activations ---------------------------------------------------------------------------
 
-def act_grid(precision: str, activations: dict[str, Any]) -> ActGrid | None:
-    """The entry quantiser a plan layer's ``activations`` describe; None for weight-only precisions."""
+def act_grid(precision: str, activations: dict[str, Any], tensor: str) -> ActGrid | None:
+    """The quantiser a plan puts on ``tensor`` (compiler/dmpq.py ``activations``: method, symmetric,
+    ranges per tensor), with the lowering's arithmetic (qdq.affine_params); None when not quantised."""
     if precision == INT8_DYNAMIC:
         return ActGrid(8, 1.0, 0, 0, 255, dynamic=True)
-    if not activations:
+    if precision not in (INT8, INT16X8) or not activations:
         return None
-    bits = 16 if precision == INT16X8 else 8
-    if "amax" in activations:
-        qmax = 2 ** (bits - 1) - 1
-        return ActGrid(bits, max(float(activations["amax"]), 1e-12) / qmax, 0, -qmax - 1, qmax)
-    if "min" in activations and "max" in activations:
-        lo, hi = min(float(activations["min"]), 0.0), max(float(activations["max"]), 0.0)
-        qmax = 2 ** bits - 1
-        scale = max(hi - lo, 1e-12) / qmax
-        return ActGrid(bits, scale, int(np.clip(round(-lo / scale), 0, qmax)), 0, qmax)
-    return None
+    entry = activations.get("ranges", {}).get(tensor)
+    if entry is None:
+        return None
+    lo, hi = range_from_json(entry)
+    if precision == INT16X8:
+        amax = max(abs(lo), abs(hi), 1e-12)
+        return ActGrid(16, amax / 32767.0, 0, -32768, 32767)
+    if activations.get("symmetric", False):
+        scale, zp = affine_params(lo, hi, "int8", symmetric=True)
+        return ActGrid(8, float(scale), int(zp), -128, 127)
+    scale, zp = affine_params(lo, hi, "uint8")
+    return ActGrid(8, float(scale), int(zp), 0, 255)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 from dscompile.compiler.capabilities import FP16, FP32
-from dscompile.compiler.distill_ops import LayerSpec, constants, initializer, layer_spec
+from dscompile.compiler.distill_ops import ANCHORS, LayerSpec, constants, initializer, layer_spec
 from dscompile.compiler.distill_quant import (
     ActGrid,
     WeightGrid,
@@ -51,7 +51,8 @@ class PlannedLayer:
     b: np.ndarray | None  # FP32 bias
     scales: np.ndarray  # RTN scales per group (what the lowering computes)
     zps: np.ndarray  # RTN zero points per group (0 on symmetric grids)
-    act: ActGrid | None
+    act: ActGrid | None  # entry quantiser of the layer's input
+    act_y: ActGrid | None  # the lowering's requantisation of the layer's output (static int8)
     # current choice (starts at round-to-nearest):
     q: np.ndarray = field(default=None)  # type: ignore[assignment]
     q_scales: np.ndarray = field(default=None)  # type: ignore[assignment]
@@ -90,11 +91,12 @@ def planned_layers(model: onnx.ModelProto, plan: QuantPlan) -> tuple[list[Planne
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     layers, skipped = [], []
     for lp in plan.layers:
-        if lp.precision in FLOAT_PRECISIONS:
+        if lp.precision in FLOAT_PRECISIONS or lp.weights.get("scheme") == "fp32" and lp.op in ANCHORS:
             continue
         spec = layer_spec(model, lp.name, lp.nodes)
         if spec is None:
-            skipped.append(f"{lp.name}: no Conv/ConvTranspose/MatMul/Gemm with a constant weight")
+            if lp.op in ANCHORS:
+                skipped.append(f"{lp.name}: no {lp.op} with a constant weight to reconstruct")
             continue
         w = initializer(model, spec.weight)
         if w.dtype != np.float32 or w.ndim < 2:
@@ -104,7 +106,10 @@ def planned_layers(model: onnx.ModelProto, plan: QuantPlan) -> tuple[list[Planne
         ids = group_ids(tuple(w.shape), grid)
         b = initializer(model, spec.bias) if spec.bias else None
         scales, zps = rtn_params(w, ids, grid)
-        layers.append(PlannedLayer(lp, spec, grid, ids, w, b, scales, zps, act_grid(lp.precision, lp.activations)))
+        outs = {o.name for o in model.graph.output}
+        act_y = act_grid(lp.precision, lp.activations, spec.y) if spec.y not in outs else None
+        layers.append(PlannedLayer(lp, spec, grid, ids, w, b, scales, zps,
+                                   act_grid(lp.precision, lp.activations, spec.x), act_y))
     layers.sort(key=lambda pl: order.get(pl.spec.anchor.name, 0))
     return layers, skipped
 
@@ -126,8 +131,19 @@ def current_weights(layers: list[PlannedLayer]) -> dict[str, np.ndarray]:
     return out
 
 
-def current_entries(layers: list[PlannedLayer]) -> dict[str, tuple[str, ActGrid]]:
-    return {pl.spec.anchor.name: (pl.spec.x, pl.act_now) for pl in layers if pl.act_now is not None}
+def current_entries(layers: list[PlannedLayer]) -> tuple[dict[str, ActGrid], dict[str, tuple[str, ActGrid]]]:
+    """(static quantisers per tensor, as the lowering shares them; dynamic ones per node)."""
+    tensors: dict[str, ActGrid] = {}
+    nodes: dict[str, tuple[str, ActGrid]] = {}
+    for pl in layers:
+        if pl.act_now is not None and pl.act_now.dynamic:
+            nodes[pl.spec.anchor.name] = (pl.spec.x, pl.act_now)
+        elif pl.act_now is not None:
+            tensors[pl.spec.x] = pl.act_now
+    for pl in layers:
+        if pl.act_y is not None:
+            tensors.setdefault(pl.spec.y, pl.act_y)
+    return tensors, nodes
 
 
 def with_biases(model: onnx.ModelProto, layers: list[PlannedLayer]) -> onnx.ModelProto:
@@ -154,21 +170,25 @@ def write_back(graph: ModelGraph, layers: list[PlannedLayer]) -> ModelGraph:
     return ModelGraph(model, graph.inputs, graph.outputs, graph.source, dict(graph.layer_map))
 
 
-def annotate_plan(plan: QuantPlan, layers: list[PlannedLayer], method_for_acts: dict[str, str], summary: dict[str, Any]) -> QuantPlan:
-    """The plan with each distilled layer's notes (and learned activation ranges) recorded."""
+def annotate_plan(plan: QuantPlan, layers: list[PlannedLayer], summary: dict[str, Any]) -> QuantPlan:
+    """The plan with each distilled layer's notes recorded, and learned (LSQ) input ranges written into
+    every layer entry that names the tensor (the lowering takes a tensor's range from its first entry)."""
     by_name = {pl.plan.name: pl for pl in layers}
+    learned = {pl.spec.x: pl.act_now.range_json() for pl in layers
+               if pl.act_now is not None and pl.act is not None and not pl.act.dynamic and pl.act_now.scale != pl.act.scale}
     out = []
     for lp in plan.layers:
         pl = by_name.get(lp.name)
+        acts = lp.activations
+        hit = [t for t in acts.get("ranges", {}) if t in learned] if isinstance(acts, dict) else []
+        if hit:
+            acts = {**acts, "ranges": {**acts["ranges"], **{t: learned[t] for t in hit}}, "learned": "lsq"}
         if pl is None:
-            out.append(lp)
+            out.append(replace(lp, activations=acts))
             continue
         extra = dict(lp.extra)
         extra["distill"] = {**pl.notes, "weight_grid": pl.grid.describe(),
                             "weight_sha256": sha256_bytes(pl.w_now().tobytes())}
-        acts = lp.activations
-        if pl.act_now is not None and pl.act is not None and pl.act_now.scale != pl.act.scale:
-            acts = pl.act_now.to_plan(method_for_acts.get(lp.name, lp.activations.get("method", "lsq")) + "+lsq")
         out.append(replace(lp, extra=extra, activations=acts))
     predicted = dict(plan.predicted)
     predicted["distill"] = summary

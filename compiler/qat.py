@@ -101,6 +101,10 @@ def train_e2e(graph: ModelGraph, layers: list[PlannedLayer], train: Sequence[Fee
     torch.manual_seed(options.seed)
     student = TorchGraph(graph.model)
     fq = [FakeQuantLayer(pl) for pl in layers]
+    shared: dict[str, ActQuant] = {}
+    for m in fq:  # one quantiser per tensor, as the lowering puts one Q/DQ pair on it
+        if m.entry is not None and not m.entry.grid.dynamic:
+            m.entry = shared.setdefault(m.pl.spec.x, m.entry)
     for m in fq:
         student.weight_fn[m.pl.spec.weight] = m.weight
         if m.bias is not None:
@@ -111,7 +115,7 @@ def train_e2e(graph: ModelGraph, layers: list[PlannedLayer], train: Sequence[Fee
         _attach_new_biases(student, fq)
     targets = _teacher_outputs(teacher, graph, train)
     features = _fp32_features(graph, fq, train) if options.feature_loss > 0 else None
-    opt = torch.optim.Adam(_param_groups(fq))
+    opt = torch.optim.Adam(_param_groups(fq, options.lr_scale))
     steps = options.steps or 2000
     budget = options.time_s or 300.0
     rng = np.random.default_rng(options.seed)
@@ -161,12 +165,14 @@ def _attach_new_biases(student: TorchGraph, fq: list[FakeQuantLayer]) -> None:
                 node.input[2] = name
 
 
-def _param_groups(fq: list[FakeQuantLayer]) -> list[dict]:
-    groups = [{"params": [m.latent for m in fq], "lr": LR_WEIGHT},
-              {"params": [m.log_scale for m in fq if m.log_scale.requires_grad], "lr": LR_SCALE},
-              {"params": [m.bias for m in fq if m.bias is not None], "lr": LR_BIAS},
+def _param_groups(fq: list[FakeQuantLayer], k: float) -> list[dict]:
+    groups = [{"params": [m.latent for m in fq], "lr": LR_WEIGHT * k},
+              {"params": [m.log_scale for m in fq if m.log_scale.requires_grad], "lr": LR_SCALE * k},
+              {"params": [m.bias for m in fq if m.bias is not None], "lr": LR_BIAS * k},
               {"params": [m.entry.log_scale for m in fq if m.entry is not None and m.entry.log_scale.requires_grad],
-               "lr": LR_SCALE}]
+               "lr": LR_SCALE * k}]
+    for g in groups:  # a shared entry quantiser appears once
+        g["params"] = list({id(p): p for p in g["params"]}.values())
     return [g for g in groups if g["params"]]
 
 
