@@ -119,7 +119,8 @@ def train_e2e(graph: ModelGraph, layers: list[PlannedLayer], train: Sequence[Fee
     steps = options.steps or 2000
     budget = options.time_s or 300.0
     rng = np.random.default_rng(options.seed)
-    start, best, best_loss, avg, step, diverged = time.perf_counter(), None, math.inf, None, 0, False
+    start, best_loss, avg, step, diverged = time.perf_counter(), math.inf, None, 0, False
+    best = copy.deepcopy([m.state_dict() for m in fq])  # the starting point is the fallback
     while step < steps and time.perf_counter() - start < budget:
         idx = rng.integers(0, len(train), min(BATCH, len(train)))
         opt.zero_grad()
@@ -144,12 +145,11 @@ def train_e2e(graph: ModelGraph, layers: list[PlannedLayer], train: Sequence[Fee
             best_loss, best = avg, copy.deepcopy([m.state_dict() for m in fq])
         if progress and step % 10 == 0:
             progress("e2e", 0, 1, step, steps, avg)
-    if best is not None:
-        for m, state in zip(fq, best, strict=True):
-            m.load_state_dict(state)
+    for m, state in zip(fq, best, strict=True):
+        m.load_state_dict(state)
     for m in fq:
         m.export()
-    return {"steps": step, "best_loss": None if best is None else round(best_loss, 8), "diverged": diverged,
+    return {"steps": step, "best_loss": None if math.isinf(best_loss) else round(best_loss, 8), "diverged": diverged,
             "temperature": options.temperature, "feature_loss": options.feature_loss,
             "time_s": round(time.perf_counter() - start, 2), "samples": len(train)}
 

@@ -109,6 +109,15 @@ def make_distiller(target, ingested, table: CalibrationTable | None, samples: Se
     return DistillStage(final, repair)
 
 
+def check_distill_inputs(ingested, options: DistillOptions, calib: Path | None) -> None:
+    """Refuse what distillation cannot do before any slow stage runs."""
+    if options.mode == "e2e" and ingested.torch_module is None:
+        Distiller.check_teacher(ingested.graph, None)
+    if calib is None or (Path(calib).is_file() and Path(calib).suffix.lower() == ".json"):
+        raise InputError("--distill learns from sample data: pass --calib DATA (a folder or .npz of inputs)"
+                         + ("" if calib is None else ", not only a calib.json"))
+
+
 def sample_count(options: DistillOptions) -> int:
     """How many calibration samples the stage reads: the training cap plus the held-out share."""
     cap = BIAS_ONLY_SAMPLES if options.mode == "bias" else options.max_samples

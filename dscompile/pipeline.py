@@ -24,7 +24,12 @@ from dscompile.compiler.plan import QuantPlan
 from dscompile.compiler.report import build_report
 from dscompile.compiler.samples import synthetic_feeds
 from dscompile.compiler.verify import Fidelity, compare
-from dscompile.distilling import BIAS_ONLY_SAMPLES, make_distiller, sample_count
+from dscompile.distilling import (
+    BIAS_ONLY_SAMPLES,
+    check_distill_inputs,
+    make_distiller,
+    sample_count,
+)
 from dscompile.errors import InputError, MissingBackendError, OutputError, VerificationError
 from dscompile.fileio import check_writable, write_json
 from dscompile.planning import (
@@ -107,6 +112,8 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     ingested = ingest(model, options.ingest)
     graph = ingested.graph
     device = options.device or target.default_device()
+    if options.distill is not None:
+        check_distill_inputs(ingested, options.distill, options.calib)
     calibrated = calibrate_stage(ingested, options)
     table = calibrated.table
     distiller = _distiller(target, ingested, calibrated, options, device)
