@@ -26,6 +26,7 @@ import torch
 from dscompile.compiler.adaround import RoundingOptions
 from dscompile.compiler.distill_capture import output_error, run_outputs, student_model
 from dscompile.compiler.distill_layers import LayerOptions, reconstruct
+from dscompile.compiler.distill_ops import count_anchor_layers
 from dscompile.compiler.distill_state import (
     PlannedLayer,
     annotate_plan,
@@ -38,7 +39,7 @@ from dscompile.compiler.distill_state import (
 from dscompile.compiler.graph import ModelGraph, macs
 from dscompile.compiler.normalize import normalize
 from dscompile.compiler.plan import QuantPlan
-from dscompile.compiler.runtime import ort_version
+from dscompile.compiler.runtime import ort_session, ort_version, run_session
 
 from dscompile.errors import InputError
 
@@ -50,6 +51,7 @@ MIN_SAMPLES = 32  # fewer calibration samples than this: reconstruction may over
 DEFAULT_LAYER_STEPS = 1000
 DEFAULT_E2E_STEPS = 2000
 SMALL_MODEL_MACS = 50_000_000
+CAPTURE_BUDGET_S = 120.0
 DEFAULT_TIME_S = 300.0  # a ResNet-18-sized model stays under 10 minutes on 2 cores with capture and build
 
 
@@ -108,6 +110,8 @@ class Distiller:
             self.check_teacher(graph, torch_module)
         self.graph = ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
         self.options, self.teacher, self.progress, self.run_plan = options, torch_module, progress, run_plan
+        if options.mode != "e2e":
+            options = replace(options, max_samples=_affordable_samples(self.graph.model, samples, options))
         self.train, self.holdout = split_samples(samples, options)
         self.reference = run_outputs(self.graph.model, self.holdout, options.threads)
         self.cache: dict[tuple, tuple] = {}
@@ -184,6 +188,24 @@ def torch_threads(threads: int | None, model_macs: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _affordable_samples(model, samples: Sequence[Feed], options: DistillOptions) -> int:
+    """Layer-wise capture runs the model twice per layer and sample: cap the samples so capture
+    stays within CAPTURE_BUDGET_S (timed here on one sample), never below MIN_SAMPLES."""
+    if not samples:
+        return options.max_samples
+    sess = ort_session(model, options.threads)
+    run_session(sess, samples[0])
+    t0 = time.perf_counter()
+    run_session(sess, samples[0])
+    per_sample = (time.perf_counter() - t0) * 2 * max(1, count_anchor_layers(model)) / (1 - options.holdout)
+    cap = max(MIN_SAMPLES, int(CAPTURE_BUDGET_S / max(per_sample, 1e-9)))
+    if cap < min(options.max_samples, len(samples)):
+        log.info("distillation: capturing %d samples per layer (of %d) to keep capture near %.0f s", cap,
+                 min(options.max_samples, len(samples)), CAPTURE_BUDGET_S)
+        return cap
+    return options.max_samples
 
 
 def split_samples(samples: Sequence[Feed], options: DistillOptions) -> tuple[list[Feed], list[Feed]]:

@@ -177,6 +177,11 @@ def layer_spec(model: onnx.ModelProto, name: str, nodes: tuple[str, ...]) -> Lay
                      LayerOp(anchor.op_type, attrs(anchor)))
 
 
+def count_anchor_layers(model: onnx.ModelProto) -> int:
+    inits = {t.name for t in model.graph.initializer}
+    return sum(n.op_type in ANCHORS and len(n.input) > 1 and n.input[1] in inits for n in model.graph.node)
+
+
 def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:

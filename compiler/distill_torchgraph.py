@@ -247,6 +247,7 @@ OPS: dict[str, Callable] = {
     "Tanh": lambda n, a, x: [torch.tanh(x[0])], "Sigmoid": lambda n, a, x: [torch.sigmoid(x[0])],
     "Relu": lambda n, a, x: [F.relu(x[0])], "LeakyRelu": lambda n, a, x: [F.leaky_relu(x[0], a.get("alpha", 0.01))],
     "Softplus": lambda n, a, x: [F.softplus(x[0])], "Gelu": _gelu,
+    "PRelu": lambda n, a, x: [torch.where(x[0] < 0, x[0] * x[1], x[0])],
     "HardSigmoid": lambda n, a, x: [torch.clamp(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5), 0, 1)],
     "HardSwish": lambda n, a, x: [F.hardswish(x[0])], "Clip": _clip,
     "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),

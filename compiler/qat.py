@@ -7,7 +7,7 @@ latent float tensor fake-quantised on its grid with a learned per-group step
 size (LSQ, straight-through rounding), its input is fake-quantised with a
 learned step size, and its bias is trainable. The teacher is the FP32 torch
 module; the loss is the KL divergence between temperature-softened outputs
-(normalised MSE for outputs that are not class scores), plus an optional MSE on
+(for outputs that look like class scores) plus each output's normalised MSE, plus an optional MSE on
 every quantised layer's output against the FP32 graph. A NaN loss stops the run
 and the best state so far is kept.
 """
@@ -208,12 +208,12 @@ def _sample_loss(student: TorchGraph, fq, feed: Feed, target: list[torch.Tensor]
     loss = torch.zeros(())
     for s, t in zip(outs, target, strict=False):
         s = s.reshape(t.shape)
-        if looks_like_scores(t.numpy()):
+        if looks_like_scores(t.numpy()):  # class scores: match the softened distribution
             temp = options.temperature
             loss = loss + F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), reduction="batchmean",
                                    log_target=True) * temp * temp
-        else:
-            loss = loss + (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+        # every output (regressions too): match the values, relative to their size
+        loss = loss + (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
     if feats is not None:
         for name, value in kept.items():
             ref = feats[name]
