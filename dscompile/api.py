@@ -153,7 +153,7 @@ def plan(
 ) -> PlanResult:
     """Calibrate on ``calib`` data, plan mixed precision (DMPQ + repair on held-out samples), save plan.json."""
     from dscompile.pipeline import calibrate_stage
-    from dscompile.planning import PlanSettings, plan_for, write_plan_plots
+    from dscompile.planning import PlanSettings, check_numeric_outputs, plan_for, write_plan_plots
     from dscompile.targets.base import get_target
 
     out = check_writable(output, force)
@@ -163,6 +163,7 @@ def plan(
                           data=data_options or DataOptions(), planning=settings)
     tgt = get_target(target)
     ingested = ingest(model, opts.ingest)
+    check_numeric_outputs(ingested.graph)
     calibrated = calibrate_stage(ingested, opts)
     if not calibrated.samples:
         from dscompile.errors import InputError

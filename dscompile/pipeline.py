@@ -35,6 +35,7 @@ from dscompile.fileio import check_writable, write_json
 from dscompile.planning import (
     PlanSettings,
     calibration_tensors,
+    check_numeric_outputs,
     load_plan,
     plan_for,
     write_plan_plots,
@@ -112,6 +113,8 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     ingested = ingest(model, options.ingest)
     graph = ingested.graph
     device = options.device or target.default_device()
+    if options.calib is not None and options.quantize and options.plan is None:
+        check_numeric_outputs(graph)  # before any calibration work
     if options.distill is not None:
         check_distill_inputs(ingested, options.distill, options.calib)
     calibrated = calibrate_stage(ingested, options)
