@@ -18,11 +18,18 @@ from dscompile.calibration.collect import calibrate
 from dscompile.calibration.datasets import DataOptions, open_data, split_holdout
 from dscompile.calibration.feeds import batches
 from dscompile.calibration.table import CalibrationTable
+from dscompile.compiler.distill import DistillOptions
 from dscompile.compiler.ingest import Ingested, IngestOptions, ingest
 from dscompile.compiler.plan import QuantPlan
 from dscompile.compiler.report import build_report
 from dscompile.compiler.samples import synthetic_feeds
 from dscompile.compiler.verify import Fidelity, compare
+from dscompile.distilling import (
+    BIAS_ONLY_SAMPLES,
+    check_distill_inputs,
+    make_distiller,
+    sample_count,
+)
 from dscompile.errors import InputError, MissingBackendError, OutputError, VerificationError
 from dscompile.fileio import check_writable, make_stage, replace_dir, write_json
 from dscompile.planning import (
@@ -57,6 +64,8 @@ class CompileOptions:
     planning: PlanSettings = field(default_factory=PlanSettings)
     quantize: bool = True  # with --calib: plan and build mixed precision (False: calibrate, build fp32)
     plots: Path | None = None  # folder for sensitivity/allocation PNGs
+    distill: DistillOptions | None = None  # None: bias correction only (unless bias_correction is False)
+    bias_correction: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +77,7 @@ class Calibrated:
     holdout: tuple[dict, ...] = ()
     source: str = ""  # the calib.json used, or a description of the data
     samples: tuple[dict, ...] = ()  # calibration feeds for sensitivity (never the held-out ones)
+    distill_samples: tuple[dict, ...] = ()  # calibration feeds distillation learns from (and checks on)
 
 
 @dataclass(frozen=True)
@@ -105,11 +115,17 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     device = options.device or target.default_device()
     if options.calib is not None and options.quantize and options.plan is None:
         check_numeric_outputs(graph)  # before any calibration work
+    if options.distill is not None:
+        check_distill_inputs(ingested, options.distill, options.calib)
     calibrated = calibrate_stage(ingested, options)
     table = calibrated.table
-    plan = plan_stage(target, graph, device, calibrated, options)
+    distiller = _distiller(target, ingested, calibrated, options, device)
+    plan = plan_stage(target, graph, device, calibrated, options, distiller.repair_hook() if distiller else None)
     if options.plots and plan is not None:
         write_plan_plots(plan, options.plots, options.force)
+    distilled: dict[str, Any] = {}
+    if distiller is not None and plan is not None:
+        graph, plan, distilled = distiller.final(plan)
     stage = make_stage(out)
     try:
         build = BuildOptions(options.seed, options.threads, device, extra=options.extra)
@@ -120,7 +136,8 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
             artifacts=[f.to_json() for f in artifact.files],
             artifact_bytes=sum(f.bytes for f in artifact.files),
             plan=plan, fidelity=fidelity, latency=latency, export_check=ingested.export_check,
-            extra={**artifact.notes, **_calibration_report(calibrated), **_plan_report(plan)} or None,
+            extra={**artifact.notes, **_calibration_report(calibrated), **_plan_report(plan),
+                   **({"distillation": distilled} if distilled else {})} or None,
         )
         final = _commit(stage, artifact, out, rpath, report, target.output_kind, options.force)
     finally:
@@ -149,10 +166,36 @@ def calibrate_stage(ingested: Ingested, options: CompileOptions) -> Calibrated:
     tensors = calibration_tensors(graph) if options.quantize and options.plan is None else None
     table = calibrate(graph.model, calib_src, model_sha256=graph.sha256, data_sha256=calib_src.sha256, tensors=tensors)
     samples = tuple(itertools.islice(batches(calib_src.feeds(), calib_src.specs, 1), options.planning.sensitivity_samples))
-    return Calibrated(table, tuple(batches(held.feeds(), held.specs, 1)), source.describe(), samples)
+    want = _distill_options(options)
+    distill_samples = () if want is None else tuple(
+        itertools.islice(batches(calib_src.feeds(), calib_src.specs, 1), sample_count(want)))
+    return Calibrated(table, tuple(batches(held.feeds(), held.specs, 1)), source.describe(), samples, distill_samples)
 
 
-def plan_stage(target, graph, device: str, calibrated: Calibrated, options: CompileOptions) -> QuantPlan | None:
+def _distill_options(options: CompileOptions) -> DistillOptions | None:
+    """--distill as given; else bias correction alone (on by default for quantised builds)."""
+    if not options.quantize:
+        return None
+    if options.distill is not None:
+        return options.distill
+    return DistillOptions(mode="bias", max_samples=BIAS_ONLY_SAMPLES) if options.bias_correction else None
+
+
+def _distiller(target, ingested: Ingested, calibrated: Calibrated, options: CompileOptions, device: str):
+    want = _distill_options(options)
+    if want is None:
+        return None
+    if not calibrated.distill_samples:
+        if options.distill is not None:
+            raise InputError("--distill learns from sample data: pass --calib DATA (a folder or .npz of inputs), "
+                             "not only a calib.json")
+        return None
+    return make_distiller(target, ingested, calibrated.table, calibrated.distill_samples, want, device,
+                          options.threads, options.seed)
+
+
+def plan_stage(target, graph, device: str, calibrated: Calibrated, options: CompileOptions,
+               prepare=None) -> QuantPlan | None:
     """The plan file as given (checked), or a DMPQ plan repaired on the held-out samples, or None (fp32)."""
     if options.plan is not None:
         return load_plan(options.plan, target, graph, device, calibrated.table, options.force)
@@ -162,7 +205,7 @@ def plan_stage(target, graph, device: str, calibrated: Calibrated, options: Comp
         raise InputError("mixed precision needs sample data to measure sensitivity: pass --calib DATA, not only a calib.json "
                          "(or build a saved plan with --plan)")
     settings = replace(options.planning, threads=options.threads, seed=options.seed)
-    plan, _ = plan_for(target, graph, device, calibrated.table, calibrated.samples, calibrated.holdout, settings)
+    plan, _ = plan_for(target, graph, device, calibrated.table, calibrated.samples, calibrated.holdout, settings, prepare)
     return plan
 
 

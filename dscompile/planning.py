@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,8 +59,13 @@ def check_numeric_outputs(graph: ModelGraph) -> None:
 def plan_for(
     target: Target, graph: ModelGraph, device: str, table: CalibrationTable | None,
     feeds: Sequence[Feed], holdout: Sequence[Feed], settings: PlanSettings,
+    prepare: Callable[[QuantPlan], tuple[ModelGraph, QuantPlan]] | None = None,
 ) -> tuple[QuantPlan, Fidelity | None]:
-    """A DMPQ plan, repaired on ``holdout`` until ``settings.min_fidelity`` holds (when given)."""
+    """A DMPQ plan, repaired on ``holdout`` until ``settings.min_fidelity`` holds (when given).
+
+    ``prepare`` (distillation, dscompile/distilling.py) turns each round's plan into the weights the
+    build will use, so the repair loop measures reconstructed layers before it promotes any.
+    """
     check_numeric_outputs(graph)
     if not feeds:
         raise InputError("planning needs calibration samples (--calib DATA)")
@@ -70,7 +75,7 @@ def plan_for(
     plan = make_plan(g, caps, table, feeds, options, model_sha256=graph.sha256)
     if not holdout:
         return plan, None
-    evaluate = Evaluator(target, graph, table, holdout, device, settings)
+    evaluate = Evaluator(target, graph, table, holdout, device, settings, prepare)
     return repair(plan, evaluate, settings.min_fidelity, settings.rounds)
 
 
@@ -85,8 +90,10 @@ class Evaluator:
     """Builds a plan with the target into a scratch folder and measures it on held-out feeds."""
 
     def __init__(self, target: Target, graph: ModelGraph, table: CalibrationTable | None, holdout: Sequence[Feed],
-                 device: str, settings: PlanSettings) -> None:
+                 device: str, settings: PlanSettings,
+                 prepare: Callable[[QuantPlan], tuple[ModelGraph, QuantPlan]] | None = None) -> None:
         self.target, self.graph, self.table, self.holdout = target, graph, table, list(holdout)
+        self.prepare = prepare
         self.device, self.settings = device, settings
         self.reference = OrtRunner(graph.model, settings.threads)
         self._ref_out = [self.reference.run(f) for f in self.holdout]
@@ -95,7 +102,10 @@ class Evaluator:
         stage = Path(tempfile.mkdtemp(prefix="dscompile-repair-"))
         try:
             build = BuildOptions(self.settings.seed, self.settings.threads, self.device)
-            artifact = self.target.lower(self.graph, plan, self.table, stage, build)
+            graph = self.graph
+            if self.prepare is not None:
+                graph, plan = self.prepare(plan)
+            artifact = self.target.lower(graph, plan, self.table, stage, build)
             runner = self.target.runner(artifact, self.settings.threads)
             if runner is None:
                 raise InputError(f"target {self.target.name} has no runtime here to repair the plan with")

@@ -11,11 +11,13 @@ from dscompile.calibration.datasets import DataOptions
 from dscompile.cli_common import (
     common_options,
     data_options,
+    distill_options,
     emit_json,
     model_options,
     output_options,
     plan_options,
 )
+from dscompile.compiler.distill import DistillOptions
 from dscompile.compiler.ingest import IngestOptions
 from dscompile.pipeline import CompileOptions
 from dscompile.planning import PlanSettings
@@ -35,14 +37,15 @@ from dscompile.targets.base import target_names
               help="Build this plan.json as it is (hand edits honoured) instead of planning.")
 @click.option("--fp32", "keep_fp32", is_flag=True, help="With --calib: verify on the data but build FP32.")
 @plan_options
+@distill_options
 @data_options
 @model_options
 @output_options
 @common_options
 def command(model: Path, target: str, device: str | None, verify_samples: int, threads: int | None, seed: int,
             calib: Path | None, plan_file: Path | None, keep_fp32: bool, plan_settings: PlanSettings,
-            plots: Path | None, data_options: DataOptions, ingest_options: IngestOptions, output: Path | None,
-            force: bool, as_json: bool) -> None:
+            plots: Path | None, distill: DistillOptions | None, bias_correction: bool, data_options: DataOptions,
+            ingest_options: IngestOptions, output: Path | None, force: bool, as_json: bool) -> None:
     """Compile MODEL for a target, verify it, and write a report beside it.
 
     With --calib, calibrate on the data, plan mixed precision layer by layer
@@ -53,11 +56,14 @@ def command(model: Path, target: str, device: str | None, verify_samples: int, t
       dscompile --target ort-cpu model.pt --input-shape x:1x3x224x224 -o model_cpu.onnx
       dscompile --target ort-cpu model.onnx --calib samples/ -o model_q.onnx
       dscompile --target ort-cpu model.pt --calib samples/ --budget kl=0.01 --min-fidelity cosine=0.995 -o model_q.onnx
+      dscompile --target ort-cpu model.onnx --calib samples/ --distill -o model_q.onnx
+      dscompile --target ort-cpu model.pt --calib samples/ --distill e2e --distill-steps 2000 -o model_q.onnx
     """
     options = CompileOptions(
         target=target, device=device, output=output, force=force, ingest=ingest_options,
         verify_samples=verify_samples, threads=threads, seed=seed, calib=calib, data=data_options,
         plan=plan_file, planning=plan_settings, quantize=not keep_fp32, plots=plots,
+        distill=distill, bias_correction=bias_correction,
     )
     result = api.compile(model, target=target, options=options)
     if as_json:
@@ -83,6 +89,12 @@ def show_summary(report: dict, output: Path, report_path: Path) -> None:
         top1 = f", top-1 {f['top1_agreement']:.4f}" if f.get("top1_agreement") is not None else ""
         moved = f"promoted {len(r['promoted'])} layer(s); " if r["promoted"] else ""
         table.add_row(f"repair round {r['round']}", f"{moved}cosine {f['cosine']:.5f}{top1}" + (" (goal met)" if r.get("met") else ""))
+    dist = report.get("distillation") or {}
+    if dist.get("layers"):
+        b, a = dist["fidelity"]["before"], dist["fidelity"]["after"]
+        what = "fell back to round-to-nearest (not better on held-out samples)" if dist["fell_back"] else \
+            f"held-out error {b['nmse']:.4g} -> {a['nmse']:.4g}, cosine {b['cosine']:.5f} -> {a['cosine']:.5f}"
+        table.add_row(f"distill ({dist['mode']})", f"{len(dist['layers'])} layers in {dist['time_s']:.1f} s: {what}")
     if lat.get("kind") == "measured":
         table.add_row("latency", f"p50 {lat['ms_p50']:.3f} ms (FP32 {lat['fp32_ms_p50']:.3f} ms), measured: {lat['where']}")
     console.out.print(table)
