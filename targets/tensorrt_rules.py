@@ -228,27 +228,32 @@ def check_advice(model: onnx.ModelProto, index: GraphIndex, shapes: dict[str, tu
             if _small_conv(node, w, graph_inputs, index):
                 yield _finding(node, "int8_conv_small_channels", f"{w.shape[1] * _attr(node, 'group', 1)} in, {w.shape[0]} out")
         elif node.op_type in ("MatMul", "Gemm"):
-            detail = _small_gemm(node, shapes)
+            detail = gemm_int8_unfit(node, shapes)
             if detail:
                 yield _finding(node, "int8_gemm_small", detail)
 
 
 def _small_conv(node: onnx.NodeProto, w: np.ndarray, graph_inputs: set[str], index: GraphIndex) -> bool:
+    dq = dq_source(index, node.input[0])
+    q = index.producer.get(dq.input[0]) if dq is not None else None
+    first = q is not None and q.input[0] in graph_inputs
+    return conv_int8_unfit(w.shape, _attr(node, "group", 1), first)
+
+
+def conv_int8_unfit(weight_shape: tuple[int, ...], group: int, first: bool) -> bool:
+    """Model Optimizer's test for a Conv TensorRT has no fast INT8 kernel for (limits from the rules)."""
     r = _rule("int8_conv_small_channels")
     lo, mult = r["min_channels"], r["channel_multiple"]
-    group = _attr(node, "group", 1)
-    oc, ic = w.shape[0], w.shape[1] * group
+    oc, ic = weight_shape[0], weight_shape[1] * group
     if oc >= lo and ic >= lo:
         return False
-    kernel = list(w.shape[2:])
-    dq = dq_source(index, node.input[0])
-    first = dq is not None and index.producer.get(dq.input[0]) is not None and index.producer[dq.input[0]].input[0] in graph_inputs
+    kernel = list(weight_shape[2:])
     if group == 1 and (oc % mult == 0 or ic % mult == 0) and (first or oc >= lo or ic >= lo) and len(set(kernel)) == 1:
         return False
     return not (group > 1 and oc % mult == 0 and all(k >= 3 for k in kernel))
 
 
-def _small_gemm(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> str:
+def gemm_int8_unfit(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> str:
     lo = _rule("int8_gemm_small")["min_dim"]
     a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
     if not a or not out or len(out) < 1:
