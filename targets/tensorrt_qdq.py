@@ -95,6 +95,7 @@ class TrtLowering:
             self._lower(layer, lp)
         self._residual_adds()
         _fold_casts(self.ed)
+        del self.ed.graph.value_info[:]  # types changed under FP16 layers; shape inference re-derives them
         int4 = any(lp.precision == INT4_WEIGHT for lp in self.plan.layers)
         return self.ed.finish(min_opset=INT4_OPSET if int4 else 13)
 
