@@ -12,6 +12,7 @@ import traceback
 import click
 
 from dscompile import __version__
+from dscompile.commands import calibrate as calibrate_cmd
 from dscompile.commands import compile as compile_cmd
 from dscompile.commands import demo as demo_cmd
 from dscompile.commands import devices as devices_cmd
@@ -46,6 +47,7 @@ def cli() -> None:
 # One line per command.
 cli.add_command(compile_cmd.command)
 cli.add_command(inspect_cmd.command)
+cli.add_command(calibrate_cmd.command)
 cli.add_command(devices_cmd.command)
 cli.add_command(demo_cmd.command)
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dscompile.calibration.collect import calibrate
+from dscompile.calibration.datasets import DataOptions, open_data, split_holdout
+from dscompile.calibration.feeds import batches
+from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.ingest import Ingested, IngestOptions, ingest
 from dscompile.compiler.plan import QuantPlan
 from dscompile.compiler.report import build_report
@@ -38,7 +42,18 @@ class CompileOptions:
     measure_latency: bool = True
     threads: int | None = None
     seed: int = 0
+    calib: Path | None = None  # sample data to calibrate on, or an existing calib.json
+    data: DataOptions = field(default_factory=DataOptions)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What calibrate_stage hands on: the table and held-out feeds for verification."""
+
+    table: CalibrationTable | None = None
+    holdout: tuple[dict, ...] = ()
+    source: str = ""  # the calib.json used, or a description of the data
 
 
 @dataclass(frozen=True)
@@ -75,23 +90,56 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     graph = ingested.graph
     device = options.device or target.default_device()
     plan: QuantPlan | None = None
-    table = None
+    calibrated = calibrate_stage(ingested, options)
+    table = calibrated.table
     stage = _make_stage(out)
     try:
         build = BuildOptions(options.seed, options.threads, device, extra=options.extra)
         artifact = target.lower(graph, plan, table, stage, build)
-        fidelity, latency = _verify(ingested, target, artifact, options)
+        fidelity, latency = _verify(ingested, target, artifact, options, calibrated.holdout)
         report = build_report(
             target=target.name, device=device, graph=graph,
             artifacts=[f.to_json() for f in artifact.files],
             artifact_bytes=sum(f.bytes for f in artifact.files),
             plan=plan, fidelity=fidelity, latency=latency, export_check=ingested.export_check,
-            extra=artifact.notes or None,
+            extra={**artifact.notes, **_calibration_report(calibrated)} or None,
         )
         final = _commit(stage, artifact, out, rpath, report, target.output_kind, options.force)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return CompileResult(final, report, out, rpath)
+
+
+def calibrate_stage(ingested: Ingested, options: CompileOptions) -> Calibrated:
+    """Load ``options.calib`` (a calib.json for this model) or calibrate on it (sample data).
+
+    From sample data, ``verify_samples`` samples are held out: verification runs
+    on them, never on the samples the thresholds came from.
+    """
+    if options.calib is None:
+        return Calibrated()
+    graph = ingested.graph
+    path = Path(options.calib)
+    if path.is_file() and path.suffix.lower() == ".json":
+        table = CalibrationTable.load(path)
+        table.check_model(graph.sha256, options.force)
+        log.info(f"calibration: using {path} ({len(table.tensors)} tensors, {table.samples} samples)")
+        return Calibrated(table, (), str(path))
+    source = open_data(path, graph.inputs, replace(options.data, seed=options.seed))
+    calib_src, held = split_holdout(source, options.verify_samples)
+    log.info(f"calibration: {calib_src.samples} samples from {path}, {held.samples} held out for verification")
+    table = calibrate(graph.model, calib_src, model_sha256=graph.sha256, data_sha256=calib_src.sha256)
+    return Calibrated(table, tuple(batches(held.feeds(), held.specs, 1)), source.describe())
+
+
+def _calibration_report(c: Calibrated) -> dict[str, Any]:
+    if c.table is None:
+        return {}
+    return {"calibration": {
+        "source": c.source, "samples": c.table.samples, "tensors": len(c.table.tensors),
+        "data_sha256": c.table.data_sha256,
+        "verified_on": f"{len(c.holdout)} held-out samples" if c.holdout else "synthetic inputs",
+    }}
 
 
 def _make_stage(out: Path) -> Path:
@@ -101,12 +149,14 @@ def _make_stage(out: Path) -> Path:
         raise OutputError(f"{out}: cannot write in {out.parent} ({exc.strerror})") from None
 
 
-def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOptions) -> tuple[Fidelity | None, dict | None]:
+def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOptions,
+            holdout: tuple[dict, ...] = ()) -> tuple[Fidelity | None, dict | None]:
     graph = ingested.graph
     runner = target.runner(artifact, options.threads)
     if runner is None:
         return None, None
-    feeds = synthetic_feeds(graph.inputs, options.verify_samples, options.seed + 1, graph.model)
+    # held-out calibration samples when there are some: real data, unseen by calibration
+    feeds = list(holdout) or synthetic_feeds(graph.inputs, options.verify_samples, options.seed + 1, graph.model)
     reference = OrtRunner(graph.model, options.threads)
     fidelity = compare(reference.run, runner.run, feeds, runner.where())
     floor = options.min_cosine if options.min_cosine is not None else 0.999

@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from dscompile import api, console
-from dscompile.cli_common import common_options, emit_json, model_options, output_options
+from dscompile.calibration.datasets import DataOptions
+from dscompile.cli_common import (
+    common_options,
+    data_options,
+    emit_json,
+    model_options,
+    output_options,
+)
 from dscompile.compiler.ingest import IngestOptions
 from dscompile.pipeline import CompileOptions
 from dscompile.targets.base import target_names
@@ -20,11 +27,15 @@ from dscompile.targets.base import target_names
 @click.option("--verify-samples", type=int, default=16, show_default=True, help="Samples to verify the artifact on.")
 @click.option("--threads", type=int, help="Threads for onnxruntime checks and timing.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib", type=click.Path(path_type=Path), metavar="PATH",
+              help="Calibrate on this sample data (held-out samples verify), or use this calib.json.")
+@data_options
 @model_options
 @output_options
 @common_options
 def command(model: Path, target: str, device: str | None, verify_samples: int, threads: int | None, seed: int,
-            ingest_options: IngestOptions, output: Path | None, force: bool, as_json: bool) -> None:
+            calib: Path | None, data_options: DataOptions, ingest_options: IngestOptions, output: Path | None,
+            force: bool, as_json: bool) -> None:
     """Compile MODEL for a target, verify it, and write a report beside it.
 
     \b
@@ -34,7 +45,7 @@ def command(model: Path, target: str, device: str | None, verify_samples: int, t
     """
     options = CompileOptions(
         target=target, device=device, output=output, force=force, ingest=ingest_options,
-        verify_samples=verify_samples, threads=threads, seed=seed,
+        verify_samples=verify_samples, threads=threads, seed=seed, calib=calib, data=data_options,
     )
     result = api.compile(model, target=target, options=options)
     if as_json:
