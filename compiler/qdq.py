@@ -161,6 +161,27 @@ def block_int4_signed(w: np.ndarray, block_size: int, axis: int = 0) -> Quantize
     return QuantizedWeight(np.moveaxis(q.astype(np.int8), 0, axis), np.moveaxis(scale, 0, axis), axis, None, block_size)
 
 
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def channel_axis(node: onnx.NodeProto, weight_ndim: int) -> int:
+    """The output-channel axis of the weight (input 1) of Conv/ConvTranspose/Gemm/MatMul."""
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return weight_ndim - 1 if node.op_type == "MatMul" else 0
+
+
+def as_kn(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+    """A MatMul/Gemm weight as [K, N] (Gemm with transB stores [N, K])."""
+    return np.ascontiguousarray(w.T) if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
+
+
 # ---------------------------------------------------------------- graph edits
 
 
