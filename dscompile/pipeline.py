@@ -44,6 +44,7 @@ class CompileOptions:
     seed: int = 0
     calib: Path | None = None  # sample data to calibrate on, or an existing calib.json
     data: DataOptions = field(default_factory=DataOptions)
+    target_options: BuildOptions = field(default_factory=BuildOptions)  # --remote, --shapes, --dla, --build
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,7 +95,7 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     table = calibrated.table
     stage = _make_stage(out)
     try:
-        build = BuildOptions(options.seed, options.threads, device, extra=options.extra)
+        build = replace(options.target_options, seed=options.seed, threads=options.threads, device=device, extra=options.extra)
         artifact = target.lower(graph, plan, table, stage, build)
         fidelity, latency = _verify(ingested, target, artifact, options, calibrated.holdout)
         report = build_report(

@@ -102,7 +102,7 @@ class TensorRTTarget:
         write_text(stage / SCRIPT_FILE, build_script(job, release.label))
         (stage / SCRIPT_FILE).chmod(0o755)
         engine = self._engine(stage, job, release, options)
-        notes = {"tensorrt": {
+        notes = {"precision": plan.precision_counts(), "tensorrt": {
             "release": release.to_json(), "trtexec": job.command(), "rules": rules.to_json(),
             "placement": placement.to_json(model), "engine": engine,
             "numerics": "verified by onnxruntime running model.qdq.onnx (standard ONNX Q/DQ and Cast): the "

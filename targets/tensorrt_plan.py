@@ -29,7 +29,8 @@ MENU = PrecisionMenu(
     default=(FP32, FP16),
 )
 # INT8 on these only where a quantized neighbour makes TensorRT fuse them (placement decides).
-_INT8_BY_DEFAULT = ("Conv", "ConvTranspose", "MatMul", "Gemm", ACT_MATMUL, "Add", "Concat")
+_INT8_BY_DEFAULT = ("Conv", "ConvTranspose", "MatMul", "Gemm", ACT_MATMUL, "Add", "Concat", "MaxPool", "AveragePool",
+                    "GlobalAveragePool")
 
 
 def int8_unfit(layer: Layer, graph: ModelGraph, index: GraphIndex, shapes: dict) -> str:
@@ -64,7 +65,7 @@ def _choose(layer: Layer, graph: ModelGraph, table: CalibrationTable | None, ind
     if table is None:
         return fallback, "no calibration data and no plan: FP16 where the menu allows"
     if INT8 not in menu or layer.op not in _INT8_BY_DEFAULT:
-        return fallback, "no plan: INT8 only on layers TensorRT fuses Q/DQ into"
+        return FP32, "no plan: left as it is (TensorRT fuses Q/DQ into the layers around it)"
     missing = [t for t in layer.inputs if t not in table.tensors]
     if missing:
         return fallback, f"no calibration range for {missing[0]!r}"

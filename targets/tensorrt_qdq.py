@@ -34,7 +34,8 @@ from dscompile.errors import InputError
 
 INT4_OPSET = 21  # DequantizeLinear with block_size and INT4 codes
 INT4_BLOCK_SIZES = (128, 64, 32, 16)
-AMAX_METHOD = "entropy"  # TensorRT's calibrator (EntropyCalibration2) threshold
+AMAX_METHOD = "entropy"
+_LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")  # TensorRT's calibrator (EntropyCalibration2) threshold
 
 
 @dataclass
@@ -207,7 +208,7 @@ class TrtLowering:
             return None
         int8_outs = {o for name, info in self.placement.layers.items() if info["precision"] == INT8
                      for o in self.layers[name].outputs if self.layers[name].weights}
-        fed = [i in int8_outs for i in add.input]
+        fed = [_through_reshapes(index, i) in int8_outs for i in add.input]
         return add.input[fed.index(False)] if sum(fed) == 1 else None
 
     def _qdq_residual(self, add: onnx.NodeProto) -> None:
@@ -225,6 +226,16 @@ class TrtLowering:
         for add in [n for n in self.ed.graph.node if n.op_type == "Add"]:
             if planned.get(add.name, INT8) == INT8 and add.name not in self.placement.layers:
                 self._qdq_residual(add)
+
+
+def _through_reshapes(index: GraphIndex, tensor: str) -> str:
+    """The tensor a chain of layout-only ops (TensorRT moves Q/DQ across them) starts from."""
+    for _ in range(4):
+        p = index.producer.get(tensor)
+        if p is None or p.op_type not in _LAYOUT_OPS:
+            break
+        tensor = p.input[0]
+    return tensor
 
 
 def _cast(ed: GraphEditor, tensor: str, to: int) -> str:

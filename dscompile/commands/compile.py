@@ -17,7 +17,8 @@ from dscompile.cli_common import (
 )
 from dscompile.compiler.ingest import IngestOptions
 from dscompile.pipeline import CompileOptions
-from dscompile.targets.base import target_names
+from dscompile.targets.base import BuildOptions, target_names
+from dscompile.targets.tensorrt_shapes import parse_shapes
 
 
 @click.command("compile")
@@ -29,12 +30,17 @@ from dscompile.targets.base import target_names
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib", type=click.Path(path_type=Path), metavar="PATH",
               help="Calibrate on this sample data (held-out samples verify), or use this calib.json.")
+@click.option("--remote", metavar="USER@HOST[:PORT]", help="Build and time the engine on this board over SSH (key-based).")
+@click.option("--dla", type=int, metavar="CORE", help="Use this DLA core (GPU fallback) and report DLA eligibility.")
+@click.option("--shapes", multiple=True, metavar="NAME:MIN/OPT/MAX", help="Dynamic-input profile, dims as trtexec takes them, e.g. ids:1x8/1x16/8x64.")
+@click.option("--build/--no-build", "build_engine", default=None, help="Build the engine here (needs TensorRT); default: where it imports.")
 @data_options
 @model_options
 @output_options
 @common_options
 def command(model: Path, target: str, device: str | None, verify_samples: int, threads: int | None, seed: int,
-            calib: Path | None, data_options: DataOptions, ingest_options: IngestOptions, output: Path | None,
+            calib: Path | None, remote: str | None, dla: int | None, shapes: tuple[str, ...], build_engine: bool | None,
+            data_options: DataOptions, ingest_options: IngestOptions, output: Path | None,
             force: bool, as_json: bool) -> None:
     """Compile MODEL for a target, verify it, and write a report beside it.
 
@@ -46,6 +52,7 @@ def command(model: Path, target: str, device: str | None, verify_samples: int, t
     options = CompileOptions(
         target=target, device=device, output=output, force=force, ingest=ingest_options,
         verify_samples=verify_samples, threads=threads, seed=seed, calib=calib, data=data_options,
+        target_options=BuildOptions(remote=remote, shapes=parse_shapes(shapes), dla=dla, build_engine=build_engine),
     )
     result = api.compile(model, target=target, options=options)
     if as_json:
