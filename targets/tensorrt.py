@@ -21,19 +21,26 @@ from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan
 from dscompile.profiles.devices import get_device
 from dscompile.profiles.runners import OrtRunner
-
-from dscompile.errors import InputError, MissingBackendError
-from dscompile.fileio import write_text
 from dscompile.targets.base import Artifact, BuildOptions, describe_files
 from dscompile.targets.tensorrt_dla import dla_placement
 from dscompile.targets.tensorrt_plan import MENU, default_plan
 from dscompile.targets.tensorrt_qdq import lower_plan
 from dscompile.targets.tensorrt_rules import RuleReport, check_model
 from dscompile.targets.tensorrt_script import (
-    ENGINE_FILE, LOG_FILE, MODEL_FILE, SCRIPT_FILE, TIMING_CACHE_FILE, TrtexecJob, build_script, how_to_run,
+    ENGINE_FILE,
+    LOG_FILE,
+    MODEL_FILE,
+    SCRIPT_FILE,
+    TIMING_CACHE_FILE,
+    TrtexecJob,
+    build_script,
+    how_to_run,
 )
 from dscompile.targets.tensorrt_shapes import check_profile
 from dscompile.targets.tensorrt_versions import TensorRTRelease, dla_cores, release_for_device
+
+from dscompile.errors import InputError, MissingBackendError
+from dscompile.fileio import write_text
 
 DEFAULT_DEVICE = "jetson-agx-orin-64gb"
 CACHE_FILE = "calibration.cache"

@@ -11,12 +11,12 @@ from typing import Any
 
 import onnx
 from dscompile.compiler.layers import GraphIndex, tensor_types
-from onnx import TensorProto
-
-from dscompile.errors import InputError
 from dscompile.targets.tensorrt_rules import _attr, _const, dq_source
 from dscompile.targets.tensorrt_shapes import Profile
 from dscompile.targets.tensorrt_versions import load_rules
+from onnx import TensorProto
+
+from dscompile.errors import InputError
 
 _PLUMBING = ("QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "Identity")
 

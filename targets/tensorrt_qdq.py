@@ -27,7 +27,12 @@ from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import ACT_MATMUL, GraphIndex, find_layers
 from dscompile.compiler.normalize import upgrade_opset
 from dscompile.compiler.plan import LayerPlan, QuantPlan
-from dscompile.compiler.qdq import GraphEditor, add_activation_qdq, add_weight_dq, add_weight_dq_int4_block
+from dscompile.compiler.qdq import (
+    GraphEditor,
+    add_activation_qdq,
+    add_weight_dq,
+    add_weight_dq_int4_block,
+)
 from onnx import TensorProto, numpy_helper
 
 from dscompile.errors import InputError

@@ -9,6 +9,7 @@ use instead of ~/.ssh/config (ssh -F).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -18,9 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dscompile.errors import DscompileError, InputError, MissingBackendError
 from dscompile.targets.tensorrt_log import measured_cells, parse_log
-from dscompile.targets.tensorrt_script import ENGINE_FILE, LOG_FILE, MODEL_FILE, TIMING_CACHE_FILE, TrtexecJob
+from dscompile.targets.tensorrt_script import (
+    ENGINE_FILE,
+    LOG_FILE,
+    MODEL_FILE,
+    TIMING_CACHE_FILE,
+    TrtexecJob,
+)
+
+from dscompile.errors import DscompileError, InputError, MissingBackendError
 
 CONNECT_TIMEOUT_S = 10
 BUILD_TIMEOUT_S = 3 * 3600  # large models take a long time to build on an Orin Nano
@@ -143,10 +151,9 @@ def build_remote(stage: Path, job: TrtexecJob, remote_text: str) -> dict[str, An
     try:
         return _build(ssh, info, workdir, stage, job)
     finally:
-        try:
+        # if the board went away after the build, its /tmp folder is all that is left behind
+        with contextlib.suppress(RemoteError):
             ssh.run(f"rm -rf {shlex.quote(workdir)}", "cleaning up", timeout=60)
-        except RemoteError:
-            pass  # the board went away after the build: its /tmp folder is all that is left behind
 
 
 def _build(ssh: SshTransport, info: dict[str, str], workdir: str, stage: Path, job: TrtexecJob) -> dict[str, Any]:

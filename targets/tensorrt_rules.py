@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import onnx
 from dscompile.compiler.layers import GraphIndex
-from onnx import TensorProto, numpy_helper
-
 from dscompile.targets.tensorrt_versions import TensorRTRelease, load_rules
+from onnx import TensorProto, numpy_helper
 
 SEVERITIES = ("error", "warning", "advice")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")

@@ -8,13 +8,14 @@ feature set (``rules/tensorrt_ops.toml``) apply. Nothing here hard-codes a versi
 from __future__ import annotations
 
 import functools
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dscompile.errors import InputError
+import tomllib
 from dscompile.profiles.devices import get_device
+
+from dscompile.errors import InputError
 
 RULES_DIR = Path(__file__).parent / "rules"
 
