@@ -33,7 +33,7 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def digits_int8(cli, digits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("digits_int8")
     out = tmp / "build_orin"
-    r = cli("--target", TARGET, digits.onnx, "--calib", _calib(digits, tmp), "-o", out)
+    r = cli("--target", TARGET, digits.onnx, "--calib", _calib(digits, tmp), "--dla", "0", "-o", out)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -90,7 +90,7 @@ def test_int8_report_cache_and_fidelity(digits_int8):
     for flag in ("--onnx=model.qdq.onnx", "--stronglyTyped", "--saveEngine=model.engine",
                  "--timingCacheFile=timing.cache", "--memPoolSize=workspace:1024"):
         assert flag in script
-    assert "--useDLACore" not in script and "--int8" not in script
+    assert "--int8" not in script
 
 
 def test_transformer_int8_quantizes_residual_inputs(cli, transformer, tmp_path):
@@ -116,10 +116,8 @@ def test_jetpack5_build_uses_precision_flags_and_rules(cli, digits, tmp_path):
     assert "--int8" in script and "--fp16" in script and "--stronglyTyped" not in script
 
 
-def test_dla_eligibility_and_script(cli, digits, tmp_path):
-    out = tmp_path / "dla"
-    r = cli("--target", TARGET, digits.onnx, "--calib", _calib(digits, tmp_path), "--dla", "0", "-o", out)
-    assert r.returncode == 0, r.stderr
+def test_dla_eligibility_and_script(digits_int8):
+    out = digits_int8
     dla = _report(out)["tensorrt"]["rules"]["dla"]
     assert dla["core"] == 0 and dla["counts"]["dla"] > 0
     on_dla = {d["op"] for d in dla["dla_nodes"]}
