@@ -14,12 +14,12 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
+
 from dscompile.calibration.feeds import Feed, rows_of
 from dscompile.calibration.histograms import DEFAULT_BINS, StreamingHistogram
 from dscompile.calibration.methods import METHODS, QUANT_LEVELS, compute, values_needed
 from dscompile.calibration.progress import Progress
 from dscompile.calibration.table import CalibrationTable, TensorRange
-
 from dscompile.errors import InputError
 
 log = logging.getLogger("dscompile")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dscompile.calibration.kernels import add_abs
+
 DEFAULT_BINS = 2048
 
 
@@ -121,14 +123,8 @@ class StreamingHistogram:
             self.counts = np.concatenate([self.counts, np.zeros(needed - len(self.counts), np.int64)])
 
     def _add(self, x: np.ndarray) -> None:
-        n = len(self.counts)
-        scaled = np.abs(x).ravel()
-        scaled *= np.float32(1.0 / self.width)
-        # float32 rounding can put a value at the top edge into bin n: fold it into the last bin
-        binned = np.bincount(scaled.astype(np.intp), minlength=n + 1)
-        if len(binned) > n:
-            binned[n - 1] += binned[n:].sum()
-        self.counts += binned[:n]
+        # values at the top edge (or pushed past it by float32 rounding) count in the last bin
+        add_abs(np.ascontiguousarray(x).reshape(-1), self.counts, 1.0 / self.width)
 
     def finish(self) -> Histogram:
         if self.width == 0.0:

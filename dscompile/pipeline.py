@@ -7,8 +7,8 @@ there, and moved into place only when everything succeeded.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from dscompile.compiler.report import build_report
 from dscompile.compiler.samples import synthetic_feeds
 from dscompile.compiler.verify import Fidelity, compare
 from dscompile.errors import MissingBackendError, OutputError, VerificationError
-from dscompile.fileio import check_writable, write_json
+from dscompile.fileio import check_writable, make_stage, replace_dir, write_json
 from dscompile.profiles.runners import OrtRunner, time_runner
 from dscompile.targets.base import Artifact, BuildOptions, get_target
 
@@ -93,7 +93,7 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     plan: QuantPlan | None = None
     calibrated = calibrate_stage(ingested, options)
     table = calibrated.table
-    stage = _make_stage(out)
+    stage = make_stage(out)
     try:
         build = replace(options.target_options, seed=options.seed, threads=options.threads, device=device, extra=options.extra)
         artifact = target.lower(graph, plan, table, stage, build)
@@ -143,13 +143,6 @@ def _calibration_report(c: Calibrated) -> dict[str, Any]:
     }}
 
 
-def _make_stage(out: Path) -> Path:
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stage", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write in {out.parent} ({exc.strerror})") from None
-
-
 def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOptions,
             holdout: tuple[dict, ...] = ()) -> tuple[Fidelity | None, dict | None]:
     graph = ingested.graph
@@ -176,19 +169,19 @@ def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOpti
 def _commit(stage: Path, artifact: Artifact, out: Path, rpath: Path, report: dict, kind: str, force: bool) -> Artifact:
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to overwrite)")
-    if kind == "dir":
-        write_json(stage / "report.json", report, force=True)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        stage.rename(out)
-        stage.mkdir()  # the caller's cleanup removes this empty placeholder
-        return artifact.relocated(out)
-    write_json(rpath, report, force)
     try:
+        if kind == "dir":
+            write_json(stage / "report.json", report, force=True)
+            replace_dir(stage, out)
+            stage.mkdir()  # the caller's cleanup removes this empty placeholder
+            return artifact.relocated(out)
+        # The artifact lands first: a run killed between the renames leaves a complete,
+        # verified artifact without its report, never a report without its artifact.
         for f in artifact.files:
-            dest = out if f.path == artifact.primary else out.parent / f.path
-            (stage / f.path).replace(dest)
+            if f.path != artifact.primary:
+                os.replace(stage / f.path, out.parent / f.path)
+        os.replace(stage / artifact.primary, out)
     except OSError as exc:
-        rpath.unlink(missing_ok=True)
         raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
+    write_json(rpath, report, force)
     return artifact.relocated(out.parent, out.name)
