@@ -58,6 +58,9 @@ def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics) -> np.n
     """``w`` after the round trip through the precision's weight scheme."""
     if numerics.weight == "fp16":
         return w.astype(np.float16).astype(np.float32)
+    if node.op_type == "Gather" and numerics.weight in ("int8_channel", "int4_block") and w.ndim == 2:
+        bits = 4 if numerics.weight == "int4_block" else 8
+        return qdq.gather_block_dequantized(w, bits, numerics.block_size or 32)
     if numerics.weight == "int8_channel":
         return qdq.symmetric_per_channel(w, qdq.channel_axis(node, w.ndim)).dequantize()
     if numerics.weight == "int4_block":
@@ -104,7 +107,7 @@ def _weights_to_inputs(ed: qdq.GraphEditor, layers: list[Layer], index: GraphInd
     weights: dict[str, np.ndarray] = {}
     for lay in layers:
         w = lay.weights[0] if lay.weights else None
-        if w is None or w in weights or w not in ed.inits or nodes[lay.nodes[0]].op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if w is None or w in weights or w not in ed.inits or nodes[lay.nodes[0]].op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"):
             continue
         arr = ed.weight(w)
         if arr.dtype != np.float32:

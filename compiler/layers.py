@@ -98,6 +98,8 @@ def _layer_at(
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return None
+    if op == "Gather":
+        return _embedding_layer(node, index, layer_map)
     if op in WEIGHTED:
         return _weighted_layer(node, index, shapes, layer_map) if _float_tensor(node.input[0], types) else None
     if op in INTEGER_OPS:
@@ -113,6 +115,18 @@ def _layer_at(
         return Layer(node.name, op, (node.name,), acts, tuple(node.output), weights, layer_map.get(node.name),
                      _param_count(weights, index))
     return None
+
+
+def _embedding_layer(node: onnx.NodeProto, index: GraphIndex, layer_map: dict[str, str]) -> Layer | None:
+    """A Gather from a 2-D float table (token embeddings): quantisable weight-only."""
+    table = index.initializers.get(node.input[0])
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    if table is None or len(table.dims) != 2 or table.data_type != onnx.TensorProto.FLOAT or axis != 0:
+        return None
+    if index.is_constant(node.input[1]):
+        return None
+    return Layer(node.name, "Gather", (node.name,), (), tuple(node.output[:1]), (node.input[0],),
+                 layer_map.get(node.name), int(np.prod(table.dims)), 0)
 
 
 def _data_inputs(op: str, node: onnx.NodeProto) -> int:

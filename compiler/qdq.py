@@ -172,13 +172,18 @@ def channel_axis(node: onnx.NodeProto, weight_ndim: int) -> int:
     """The output-channel axis of the weight (input 1) of Conv/ConvTranspose/Gemm/MatMul."""
     if node.op_type == "ConvTranspose":
         return 1
+    if node.op_type == "Gather":
+        return 0  # one scale per embedding row
     if node.op_type == "Gemm":
         return 0 if _attr(node, "transB", 0) else 1
     return weight_ndim - 1 if node.op_type == "MatMul" else 0
 
 
 def as_kn(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
-    """A MatMul/Gemm weight as [K, N] (Gemm with transB stores [N, K])."""
+    """A MatMul/Gemm weight as [K, N] (Gemm with transB stores [N, K]); an embedding table [V, D] as [D, V]
+    (its blocks run along each row)."""
+    if node.op_type == "Gather":
+        return np.ascontiguousarray(w.T)
     return np.ascontiguousarray(w.T) if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
 
 
@@ -442,6 +447,45 @@ def replace_dynamic_matmul(
     ed.remove_nodes({node.name})
     new.name = node.name
     return new
+
+
+def replace_gather_block_quantized(
+    ed: GraphEditor, node: onnx.NodeProto, table: np.ndarray, bits: int = 4, block_size: int = 32,
+) -> onnx.NodeProto:
+    """Turn ``Gather(table [V, D], indices)`` into ``com.microsoft.GatherBlockQuantized``: uint8 codes,
+    symmetric blocks of ``block_size`` along each row (implicit zero point 2^(bits-1))."""
+    v, d = table.shape
+    kb = -(-d // block_size)
+    padded = np.zeros((v, kb * block_size), np.float32)
+    padded[:, :d] = table
+    blocks = padded.reshape(v, kb, block_size)
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(blocks).max(-1)
+    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    codes = (np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)).astype(np.uint8)
+    codes = codes.reshape(v, -1)[:, :d]
+    data = _pack_nibbles(codes) if bits == 4 else codes
+    base = node.input[0]
+    inputs = [ed.add_initializer(f"{base}_q{bits}", data), node.input[1], ed.add_initializer(f"{base}_q{bits}_scales", scales)]
+    new = ed.add_node("GatherBlockQuantized", inputs, list(node.output), node.name, MS_DOMAIN,
+                      gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+    ed.remove_nodes({node.name})
+    new.name = node.name
+    return new
+
+
+def gather_block_dequantized(table: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """The table GatherBlockQuantized reads back (for emulation)."""
+    v, d = table.shape
+    kb = -(-d // block_size)
+    padded = np.zeros((v, kb * block_size), np.float32)
+    padded[:, :d] = table
+    blocks = padded.reshape(v, kb, block_size)
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(blocks).max(-1)
+    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax)
+    return (q * scales[..., None]).reshape(v, -1)[:, :d].astype(np.float32)
 
 
 def onnx_int_type(dtype: str) -> int:

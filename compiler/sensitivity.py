@@ -86,7 +86,6 @@ class _Runner:
 
     def __init__(self, emu: Emulator, feeds: Sequence[Feed], threads: int | None) -> None:
         import onnxruntime as ort
-
         from dscompile.compiler.runtime import session_options
 
         self.emu, self.feeds = emu, list(feeds)

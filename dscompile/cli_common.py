@@ -91,6 +91,37 @@ def data_options(f: Callable) -> Callable:
     return wrapper
 
 
+def plan_options(f: Callable) -> Callable:
+    """DMPQ planning: budget, fidelity floor, repair rounds, plots -> ``plan_settings``, ``plots``."""
+    from dscompile.compiler.allocate import parse_budget
+    from dscompile.compiler.repair import parse_goal
+    from dscompile.planning import PlanSettings
+
+    @click.option("--budget", metavar="KIND=VALUE",
+                  help="kl=<summed sensitivity> (default kl=0.01: least cost within it), size=<fraction of FP32 "
+                       "bytes> or latency=<fraction of FP32 latency> (least sensitivity within it).")
+    @click.option("--min-fidelity", metavar="METRIC=VALUE",
+                  help="Repair until held-out fidelity reaches it: cosine=0.995 or top1=0.99 (default cosine=0.99).")
+    @click.option("--repair-rounds", type=click.IntRange(min=0), default=6, show_default=True,
+                  help="Most repair rounds before giving up.")
+    @click.option("--sensitivity-samples", type=click.IntRange(min=1), default=16, show_default=True,
+                  help="Calibration samples the per-layer sensitivity is measured on.")
+    @click.option("--plots", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+                  help="Write sensitivity.png and allocation.png into DIR.")
+    @functools.wraps(f)
+    def wrapper(*args: Any, budget: str | None, min_fidelity: str | None, repair_rounds: int,
+                sensitivity_samples: int, plots: Path | None, **kwargs: Any) -> Any:
+        settings = PlanSettings(min_fidelity=parse_goal(min_fidelity or "cosine=0.99"), rounds=repair_rounds,
+                                sensitivity_samples=sensitivity_samples)
+        if budget:
+            settings = PlanSettings(parse_budget(budget), settings.min_fidelity, repair_rounds, sensitivity_samples)
+        kwargs["plan_settings"] = settings
+        kwargs["plots"] = plots
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
 def output_options(f: Callable) -> Callable:
     @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the result.")
     @click.option("--force", is_flag=True, help="Overwrite an existing output.")

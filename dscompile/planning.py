@@ -117,3 +117,34 @@ def load_plan(path: str | Path, target: Target, graph: ModelGraph, device: str, 
     outs = {o.name for o in g.model.graph.output}
     plan_ranges(plan, layers, table, outs, {t.name for t in g.model.graph.initializer})  # every range resolvable
     return replace(plan, device=device or plan.device)
+
+
+def calibration_tensors(graph: ModelGraph) -> list[str]:
+    """Tensors DMPQ may quantise statically (layer inputs and outputs), plus the calibrator's own choice."""
+    from dscompile.calibration.collect import quantizable_tensors
+    from dscompile.compiler.plan import needed_tensors
+
+    g = prepared(graph)
+    outs = {o.name for o in g.model.graph.output}
+    consts = {t.name for t in g.model.graph.initializer}
+    produced = {o for n in g.model.graph.node for o in n.output} | {i.name for i in g.model.graph.input}
+    mine = [t for lay in find_layers(g) for t in needed_tensors(lay, outs) if t not in consts and t in produced]
+    return list(dict.fromkeys([*quantizable_tensors(graph.model), *mine]))
+
+
+def write_plan_plots(plan: QuantPlan, folder: str | Path, force: bool = False) -> list[Path]:
+    """``sensitivity.png`` and ``allocation.png`` in ``folder`` (created if missing)."""
+    from dscompile.compiler.plan_plots import allocation_png, sensitivity_png
+    from dscompile.fileio import write_bytes
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from dscompile.errors import OutputError
+
+        raise OutputError(f"{folder}: cannot create the plots folder ({exc.strerror})") from None
+    written = []
+    for name, render in (("sensitivity.png", sensitivity_png), ("allocation.png", allocation_png)):
+        written.append(write_bytes(folder / name, render(plan), force))
+    return written

@@ -16,6 +16,7 @@ from dscompile.compiler.capabilities import (
     INT4_WEIGHT,
     INT8,
     INT8_DYNAMIC,
+    INT8_WEIGHT,
     ActivationScheme,
     Layer,
     PrecisionMenu,
@@ -40,6 +41,7 @@ MENU = PrecisionMenu(
     by_op={
         "Conv": (FP32, INT8, FP16), "ConvTranspose": (FP32, INT8, FP16),
         "MatMul": _MATMUL_MENU, "Gemm": _MATMUL_MENU, ACT_MATMUL: (FP32, INT8),
+        "Gather": (FP32, INT8_WEIGHT, INT4_WEIGHT),
         **{op: (FP32, INT8) for op in INTEGER_OPS},
     },
     default=(FP32,),

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from dscompile.compiler import qdq
-from dscompile.compiler.capabilities import FP16, FP32, INT4_WEIGHT, INT8, INT8_DYNAMIC, Layer
+from dscompile.compiler.capabilities import (
+    FP16,
+    FP32,
+    INT4_WEIGHT,
+    INT8,
+    INT8_DYNAMIC,
+    INT8_WEIGHT,
+    Layer,
+)
 from dscompile.compiler.layers import ACT_MATMUL, GraphIndex
 from onnx import numpy_helper
 
@@ -32,6 +40,7 @@ PASSTHROUGH = (
 )
 _SAME_RANGE_LAYERS = ("MaxPool", "Resize")
 INT4_BLOCK = 32
+EMBED_BLOCK = 32  # GatherBlockQuantized: blocks along each embedding row
 # MatMulNBits computes in fp32 with accuracy_level 0; 4 quantises activations to int8 per block (faster, lossier).
 INT4_ACCURACY_LEVEL = 0
 
@@ -78,13 +87,16 @@ def lower_qdq(
             _static_weights(ed, lay, nodes[lay.nodes[0]], params)
     for lay in layers:
         p = precisions.get(lay.name, FP32)
-        if p == INT8_DYNAMIC:
+        if lay.op == "Gather" and p in (INT8_WEIGHT, INT4_WEIGHT):
+            node = nodes[lay.nodes[0]]
+            qdq.replace_gather_block_quantized(ed, node, ed.weight(node.input[0]), 4 if p == INT4_WEIGHT else 8, EMBED_BLOCK)
+        elif p == INT8_DYNAMIC:
             _dynamic(ed, lay, nodes[lay.nodes[0]])
         elif p == INT4_WEIGHT:
             _int4(ed, lay, nodes[lay.nodes[0]])
         elif p == FP16:
             _fp16_weights(ed, lay)
-        elif p not in (FP32, INT8):
+        elif p not in (FP32, INT8) or (p == INT8 and lay.op == "Gather"):
             raise InputError(f"layer {lay.name!r}: ort-cpu cannot lower precision {p!r}")
     return ed.finish()
 
@@ -161,9 +173,12 @@ def _fp16_weights(ed: qdq.GraphEditor, lay: Layer) -> None:
 
 def check_layer(lay: Layer, precision: str, weights: dict[str, onnx.TensorProto], nodes: dict[str, onnx.NodeProto]) -> str | None:
     """Why ort-cpu cannot run ``lay`` at ``precision`` (None if it can)."""
+    node = nodes.get(lay.nodes[0])
+    if lay.op == "Gather":
+        dims = list(weights[lay.weights[0]].dims) if lay.weights and lay.weights[0] in weights else []
+        return None if len(dims) == 2 and dims[1] >= EMBED_BLOCK else f"{precision} needs rows of >= {EMBED_BLOCK} values"
     if precision not in (INT8_DYNAMIC, INT4_WEIGHT):
         return None
-    node = nodes.get(lay.nodes[0])
     if node is None or not lay.weights or lay.weights[0] not in weights:
         return f"{precision} needs a constant weight"
     if node.op_type == "Gemm" and (why := gemm_as_matmul(node)):
