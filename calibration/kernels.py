@@ -26,6 +26,51 @@ def add_abs(x: np.ndarray, counts: np.ndarray, inv_width: float) -> None:
 
 
 @njit(cache=True, nogil=True)
+def update_abs(x: np.ndarray, counts: np.ndarray, inv_width: float) -> tuple[float, float, int, int]:
+    """One pass over the flat float32 ``x``: its min and max (finite values), and counts of |v| binned
+    at ``inv_width``. Values past the last bin are not counted but returned as ``overflow`` (the
+    caller grows the histogram and bins them with :func:`add_overflow`); NaN/Inf are skipped and
+    counted in ``nonfinite``."""
+    n = np.int32(counts.shape[0])
+    inv = np.float32(inv_width)
+    big = np.float32(np.inf)
+    lo = big
+    hi = -big
+    overflow = 0
+    nonfinite = 0
+    for i in range(x.shape[0]):
+        v = x[i]
+        a = abs(v)
+        if not a < big:  # NaN or Inf
+            nonfinite += 1
+            continue
+        lo = min(lo, v)
+        hi = max(hi, v)
+        j = np.int32(min(a * inv, np.float32(n)))
+        if j < n:
+            counts[j] += 1
+        else:
+            overflow += 1
+    return float(lo), float(hi), overflow, nonfinite
+
+
+@njit(cache=True, nogil=True)
+def add_overflow(x: np.ndarray, counts: np.ndarray, old_inv: float, old_bins: int, inv_width: float) -> None:
+    """Bin, at ``inv_width``, exactly the finite values that :func:`update_abs` found past ``old_bins``
+    bins at ``old_inv`` (the same float32 test), clamped to the last bin."""
+    last = np.int32(counts.shape[0] - 1)
+    inv0 = np.float32(old_inv)
+    n0 = np.float32(old_bins)
+    inv = np.float32(inv_width)
+    big = np.float32(np.inf)
+    for i in range(x.shape[0]):
+        a = abs(x[i])
+        if a < big and min(a * inv0, n0) >= n0:
+            j = np.int32(a * inv)
+            counts[j if j < last else last] += 1
+
+
+@njit(cache=True, nogil=True)
 def kl_all(b: np.ndarray, start: int, levels: int) -> np.ndarray:
     """KL(P || Q) of every candidate i = start..len(b) of the EntropyCalibration2 search, in O(levels) each.
 
