@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+
 from dscompile.calibration.table import CalibrationTable, write_trt_cache
 from dscompile.compiler.capabilities import ActivationScheme, Cost, Layer, TargetCapabilities
 from dscompile.compiler.graph import ModelGraph, static_shapes
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan
+from dscompile.compiler.runtime import ort_session
+from dscompile.errors import InputError, MissingBackendError
+from dscompile.fileio import write_text
 from dscompile.profiles.devices import get_device
 from dscompile.profiles.runners import OrtRunner
 from dscompile.targets.base import Artifact, BuildOptions, describe_files
@@ -38,9 +42,6 @@ from dscompile.targets.tensorrt_script import (
 )
 from dscompile.targets.tensorrt_shapes import check_profile
 from dscompile.targets.tensorrt_versions import TensorRTRelease, dla_cores, release_for_device
-
-from dscompile.errors import InputError, MissingBackendError
-from dscompile.fileio import write_text
 
 DEFAULT_DEVICE = "jetson-agx-orin-64gb"
 CACHE_FILE = "calibration.cache"
@@ -63,11 +64,19 @@ class RooflineCost:
 
 
 class TensorRTRunner(OrtRunner):
-    """onnxruntime on model.qdq.onnx: the same Q/DQ and FP16 arithmetic TensorRT executes."""
+    """onnxruntime on model.qdq.onnx: the same Q/DQ and FP16 arithmetic TensorRT executes.
+
+    Graph optimizations are off: onnxruntime's own QDQ rewrites (int8 -> uint8 on x86, fusions)
+    are not what TensorRT runs, and at opset 21 one of them emits an invalid QuantizeLinear.
+    """
+
+    def __init__(self, model: Path | str, threads: int | None = None) -> None:
+        self.threads = threads
+        self.session = ort_session(model, threads, optimize=False)
 
     def where(self) -> str:
-        return (f"{super().where()}, running {MODEL_FILE} in place of TensorRT "
-                "(same Q/DQ and FP16 arithmetic; TensorRT's kernels differ by rounding)")
+        return (f"{super().where()} with graph optimizations off, running {MODEL_FILE} in place of TensorRT "
+                "(reference Q/DQ and FP16 arithmetic; TensorRT's kernels differ by rounding)")
 
 
 def tensorrt_importable() -> bool:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
+from onnx import TensorProto
+
 from dscompile.compiler.layers import GraphIndex, tensor_types
+from dscompile.errors import InputError
 from dscompile.targets.tensorrt_rules import _attr, _const, dq_source
 from dscompile.targets.tensorrt_shapes import Profile
 from dscompile.targets.tensorrt_versions import load_rules
-from onnx import TensorProto
-
-from dscompile.errors import InputError
 
 _PLUMBING = ("QuantizeLinear", "DequantizeLinear", "Cast", "Constant", "Identity")
 

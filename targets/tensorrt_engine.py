@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from dscompile.errors import InputError
 from dscompile.targets.tensorrt_log import measured_cells, parse_log
 from dscompile.targets.tensorrt_script import (
     ENGINE_FILE,
@@ -25,8 +26,6 @@ from dscompile.targets.tensorrt_script import (
     TIMING_CACHE_FILE,
     TrtexecJob,
 )
-
-from dscompile.errors import InputError
 
 TRTEXEC_FALLBACK = "/usr/src/tensorrt/bin/trtexec"
 

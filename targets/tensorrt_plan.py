@@ -8,13 +8,14 @@ builds run exactly the precisions in the graph, so FP16 has to be written into i
 
 from __future__ import annotations
 
+from onnx import numpy_helper
+
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import FP16, FP32, INT4_WEIGHT, INT8, Layer, PrecisionMenu
 from dscompile.compiler.graph import ModelGraph, static_shapes
 from dscompile.compiler.layers import ACT_MATMUL, GraphIndex, find_layers, layer_weight
 from dscompile.compiler.plan import LayerPlan, QuantPlan
 from dscompile.targets.tensorrt_rules import _attr, conv_int8_unfit, gemm_int8_unfit
-from onnx import numpy_helper
 
 _GEMM = (FP32, FP16, INT8, INT4_WEIGHT)
 _Q = (FP32, FP16, INT8)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
+
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import FP16, FP32, INT4_WEIGHT, INT8, Layer
 from dscompile.compiler.graph import ModelGraph
@@ -33,8 +35,6 @@ from dscompile.compiler.qdq import (
     add_weight_dq,
     add_weight_dq_int4_block,
 )
-from onnx import TensorProto, numpy_helper
-
 from dscompile.errors import InputError
 
 INT4_OPSET = 21  # DequantizeLinear with block_size and INT4 codes

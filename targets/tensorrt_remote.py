@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dscompile.errors import DscompileError, InputError, MissingBackendError
 from dscompile.targets.tensorrt_log import measured_cells, parse_log
 from dscompile.targets.tensorrt_script import (
     ENGINE_FILE,
@@ -27,8 +28,6 @@ from dscompile.targets.tensorrt_script import (
     TIMING_CACHE_FILE,
     TrtexecJob,
 )
-
-from dscompile.errors import DscompileError, InputError, MissingBackendError
 
 CONNECT_TIMEOUT_S = 10
 BUILD_TIMEOUT_S = 3 * 3600  # large models take a long time to build on an Orin Nano

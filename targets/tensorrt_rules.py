@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
+
 from dscompile.compiler.layers import GraphIndex
 from dscompile.targets.tensorrt_versions import TensorRTRelease, load_rules
-from onnx import TensorProto, numpy_helper
 
 SEVERITIES = ("error", "warning", "advice")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dscompile.compiler.graph import TensorSpec
-
 from dscompile.errors import InputError
 
 KINDS = ("min", "opt", "max")

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-from dscompile.profiles.devices import get_device
 
 from dscompile.errors import InputError
+from dscompile.profiles.devices import get_device
 
 RULES_DIR = Path(__file__).parent / "rules"
 

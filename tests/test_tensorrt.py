@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, numpy_helper
+
 from dscompile.calibration.table import read_trt_cache
 from dscompile.targets.tensorrt_script import SCRIPT_FILE
-from onnx import TensorProto, numpy_helper
 
 TARGET = "jetson-orin"
 

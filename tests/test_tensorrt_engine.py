@@ -29,11 +29,11 @@ def test_build_engine_in_process(cli, digits, tmp_path):
 
 def test_parser_error_names_the_node(tmp_path):
     import onnx
-    from dscompile.targets.tensorrt_engine import build_engine
-    from dscompile.targets.tensorrt_script import TrtexecJob
     from onnx import TensorProto, helper
 
     from dscompile.errors import InputError
+    from dscompile.targets.tensorrt_engine import build_engine
+    from dscompile.targets.tensorrt_script import TrtexecJob
 
     node = helper.make_node("Unique", ["x"], ["y"], name="dedupe")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from dscompile.targets.tensorrt_log import STAND_IN_MARKER, parse_log
-from dscompile.targets.tensorrt_remote import parse_remote
 
 from dscompile.errors import InputError
+from dscompile.targets.tensorrt_log import STAND_IN_MARKER, parse_log
+from dscompile.targets.tensorrt_remote import parse_remote
 
 DATA = Path(__file__).parent / "data" / "trtexec"
 RUN_LOG = DATA / "trtexec_run_trt10.16.log"

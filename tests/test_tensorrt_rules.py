@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from dscompile.compiler.graph import static_shapes
 from dscompile.targets.tensorrt_rules import check_model
 from dscompile.targets.tensorrt_versions import release_for_jetpack
-from onnx import TensorProto, helper, numpy_helper
 
 JP62, JP512 = release_for_jetpack("6.2"), release_for_jetpack("5.1.2")
 
