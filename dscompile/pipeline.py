@@ -60,6 +60,7 @@ class CompileOptions:
     seed: int = 0
     calib: Path | None = None  # sample data to calibrate on, or an existing calib.json
     data: DataOptions = field(default_factory=DataOptions)
+    target_options: BuildOptions = field(default_factory=BuildOptions)  # --remote, --shapes, --dla, --build
     plan: Path | None = None  # a plan.json to build as it is (no planning)
     planning: PlanSettings = field(default_factory=PlanSettings)
     quantize: bool = True  # with --calib: plan and build mixed precision (False: calibrate, build fp32)
@@ -128,7 +129,7 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
         graph, plan, distilled = distiller.final(plan)
     stage = make_stage(out)
     try:
-        build = BuildOptions(options.seed, options.threads, device, extra=options.extra)
+        build = replace(options.target_options, seed=options.seed, threads=options.threads, device=device, extra=options.extra)
         artifact = target.lower(graph, plan, table, stage, build)
         fidelity, latency = _verify(ingested, target, artifact, options, calibrated.holdout, plan)
         report = build_report(

@@ -21,7 +21,8 @@ from dscompile.compiler.distill import DistillOptions
 from dscompile.compiler.ingest import IngestOptions
 from dscompile.pipeline import CompileOptions
 from dscompile.planning import PlanSettings
-from dscompile.targets.base import target_names
+from dscompile.targets.base import BuildOptions, target_names
+from dscompile.targets.tensorrt_shapes import parse_shapes
 
 
 @click.command("compile")
@@ -38,13 +39,18 @@ from dscompile.targets.base import target_names
 @click.option("--fp32", "keep_fp32", is_flag=True, help="With --calib: verify on the data but build FP32.")
 @plan_options
 @distill_options
+@click.option("--remote", metavar="USER@HOST[:PORT]", help="Build and time the engine on this board over SSH (key-based).")
+@click.option("--dla", type=int, metavar="CORE", help="Use this DLA core (GPU fallback) and report DLA eligibility.")
+@click.option("--shapes", multiple=True, metavar="NAME:MIN/OPT/MAX", help="Dynamic-input profile, dims as trtexec takes them, e.g. ids:1x8/1x16/8x64.")
+@click.option("--build/--no-build", "build_engine", default=None, help="Build the engine here (needs TensorRT); default: where it imports.")
 @data_options
 @model_options
 @output_options
 @common_options
 def command(model: Path, target: str, device: str | None, verify_samples: int, threads: int | None, seed: int,
             calib: Path | None, plan_file: Path | None, keep_fp32: bool, plan_settings: PlanSettings,
-            plots: Path | None, distill: DistillOptions | None, bias_correction: bool, data_options: DataOptions,
+            plots: Path | None, distill: DistillOptions | None, bias_correction: bool, remote: str | None,
+            dla: int | None, shapes: tuple[str, ...], build_engine: bool | None, data_options: DataOptions,
             ingest_options: IngestOptions, output: Path | None, force: bool, as_json: bool) -> None:
     """Compile MODEL for a target, verify it, and write a report beside it.
 
@@ -64,6 +70,7 @@ def command(model: Path, target: str, device: str | None, verify_samples: int, t
         verify_samples=verify_samples, threads=threads, seed=seed, calib=calib, data=data_options,
         plan=plan_file, planning=plan_settings, quantize=not keep_fp32, plots=plots,
         distill=distill, bias_correction=bias_correction,
+        target_options=BuildOptions(remote=remote, shapes=parse_shapes(shapes), dla=dla, build_engine=build_engine),
     )
     result = api.compile(model, target=target, options=options)
     if as_json:
