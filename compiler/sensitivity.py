@@ -1,0 +1,198 @@
+"""Per-layer, per-precision sensitivity: how far the output moves when only that layer is lowered.
+
+Divergence from the FP32 output, averaged over the sensitivity samples:
+- ``kl``: KL(softmax(fp32) || softmax(lowered)) per row, for score-like outputs
+  (float [N, C] with C > 1: logits, class scores);
+- ``nmse``: ||fp32 - lowered||^2 / ||fp32||^2 per sample, for everything else
+  (embeddings, feature maps, boxes).
+A model with outputs of both kinds sums them and reports ``kl+nmse``.
+
+Speed: one emulation session for all cases (``emulate.py``), samples stacked
+into one batch when the graph's batch axis allows it, precisions the target
+vetoes for a layer never run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities
+from dscompile.compiler.emulate import Emulator, build_emulator
+from dscompile.compiler.verify import looks_like_scores
+
+log = logging.getLogger("dscompile")
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    values: dict[str, dict[str, float]]  # layer -> precision -> divergence (fp32: 0)
+    metric: str  # kl | nmse | kl+nmse
+    samples: int
+    seconds: float
+    batched: bool
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # layer -> precision -> why
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(got)) per row of [N, C] scores."""
+    r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    g = got.reshape(-1, got.shape[-1]).astype(np.float64)
+    p = _softmax(r)
+    log_p = r - r.max(-1, keepdims=True) - np.log(np.exp(r - r.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    log_q = g - g.max(-1, keepdims=True) - np.log(np.exp(g - g.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    return np.maximum((p * (log_p - log_q)).sum(-1), 0.0)
+
+
+def nmse(ref: np.ndarray, got: np.ndarray) -> float:
+    r, g = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    denom = float(r @ r)
+    return float(((r - g) @ (r - g)) / denom) if denom > 0 else float((r - g) @ (r - g))
+
+
+def output_metric(ref: np.ndarray) -> str:
+    return "kl" if looks_like_scores(ref) else "nmse"
+
+
+def divergence(refs: Sequence[list[np.ndarray]], gots: Sequence[list[np.ndarray]]) -> float:
+    """Mean over samples of the summed per-output divergence (``refs[i]``: outputs of sample i)."""
+    total = 0.0
+    for ref, got in zip(refs, gots, strict=True):
+        for r, g in zip(ref, got, strict=True):
+            if not np.issubdtype(r.dtype, np.floating):
+                continue
+            total += float(kl_rows(r, g).mean()) if output_metric(r) == "kl" else nmse(r, g)
+    return total / max(len(refs), 1)
+
+
+def metric_name(refs: Sequence[list[np.ndarray]]) -> str:
+    kinds = {output_metric(r) for r in refs[0] if np.issubdtype(r.dtype, np.floating)} if refs else set()
+    return "+".join(k for k in ("kl", "nmse") if k in kinds) or "nmse"
+
+
+class _Runner:
+    """Runs the emulator on all samples at once when it can, one by one otherwise."""
+
+    def __init__(self, emu: Emulator, feeds: Sequence[Feed], threads: int | None) -> None:
+        import onnxruntime as ort
+        from dscompile.compiler.runtime import session_options
+
+        self.emu, self.feeds = emu, list(feeds)
+        so = session_options(threads)
+        so.log_severity_level = 4  # the batch probe may fail on purpose: keep onnxruntime quiet
+        self.session = ort.InferenceSession(emu.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.names = {i.name for i in self.session.get_inputs()}
+        self.base = emu.base_feed()
+        self.batch = self._stack()
+
+    def _stack(self) -> Feed | None:
+        shapes = {tuple((k, v.shape) for k, v in sorted(f.items())) for f in self.feeds}
+        if len(self.feeds) < 2 or len(shapes) != 1 or any(v.ndim == 0 or v.shape[0] != 1 for v in self.feeds[0].values()):
+            return None
+        stacked = {k: np.concatenate([f[k] for f in self.feeds]) for k in self.feeds[0]}
+        try:
+            got = self._raw({**self.base, **stacked})
+            one = self._raw({**self.base, **self.feeds[0]})
+        except Exception:
+            return None
+        if any(g.shape[:1] != (len(self.feeds),) or not np.allclose(g[:1], o, rtol=1e-4, atol=1e-5) for g, o in zip(got, one, strict=True)):
+            return None
+        return stacked
+
+    def _raw(self, feed: Feed) -> list[np.ndarray]:
+        return self.session.run(None, {k: v for k, v in feed.items() if k in self.names})
+
+    def run(self, override: Feed) -> list[list[np.ndarray]]:
+        """Outputs per sample with ``override`` applied to the base feed."""
+        feed = {**self.base, **override}
+        if self.batch is not None:
+            outs = self._raw({**feed, **self.batch})
+            return [[o[i : i + 1] for o in outs] for i in range(len(self.feeds))]
+        return [self._raw({**feed, **f}) for f in self.feeds]
+
+
+def measure(
+    model: onnx.ModelProto, layers: list[Layer], caps: TargetCapabilities, ranges: dict[str, tuple[float, float]],
+    feeds: Sequence[Feed], threads: int | None = None, show_progress: bool = True,
+) -> Sensitivity:
+    """Sensitivity of every layer at every precision its menu offers (fp32 counts 0)."""
+    start = time.perf_counter()
+    cases, skipped = _cases(layers, caps, ranges)
+    modes = {lay.name: {caps.numerics[p].activation for p in ps} for lay, ps in cases}
+    emu = build_emulator(model, layers, modes, ranges, caps.activations.symmetric)
+    runner = _Runner(emu, feeds, threads)
+    refs = runner.run({})
+    values: dict[str, dict[str, float]] = {lay.name: {FP32: 0.0} for lay in layers}
+    total = sum(len(ps) for _, ps in cases)
+    with _progress(total, show_progress) as advance:
+        for lay, ps in cases:
+            for p in ps:
+                got = runner.run(emu.case_feed(lay, caps.numerics[p]))
+                values[lay.name][p] = divergence(refs, got)
+                advance()
+    seconds = time.perf_counter() - start
+    log.info("sensitivity: %d cases on %d samples in %.1f s (%s, %s)", total, len(feeds), seconds,
+             metric_name(refs), "batched" if runner.batch is not None else "one sample per run")
+    return Sensitivity(values, metric_name(refs), len(feeds), seconds, runner.batch is not None, skipped)
+
+
+def _cases(layers: list[Layer], caps: TargetCapabilities, ranges: dict) -> tuple[list, dict]:
+    cases, skipped = [], {}
+    for lay in layers:
+        ps = []
+        for p in caps.layer_menu(lay):
+            if p == FP32:
+                continue
+            mode = caps.numerics[p].activation
+            missing = [t for t in lay.inputs if mode.startswith("static") and t not in ranges]
+            if missing:
+                skipped.setdefault(lay.name, {})[p] = f"no calibrated range for {missing[0]!r}"
+                continue
+            ps.append(p)
+        if ps:
+            cases.append((lay, ps))
+    return cases, skipped
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing otherwise (the summary line is logged)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from dscompile.console import stderr_is_terminal
+
+        self.total, self.bar = total, None
+        self.enabled = enabled and stderr_is_terminal() and total > 0
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        from dscompile.console import err
+
+        self.bar = Progress(TextColumn("sensitivity"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=err, transient=True)
+        self.bar.start()
+        task = self.bar.add_task("sensitivity", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()

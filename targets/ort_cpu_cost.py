@@ -1,0 +1,186 @@
+"""ort-cpu cost model: weight bytes per layer and precision, plus latency.
+
+Latency on this machine is *measured*: for each precision, the model with every
+layer that can take it lowered to it runs under onnxruntime's profiler, and
+each kernel's time is attributed to the layer that owns the node (fused nodes
+keep their anchor's name; Q/DQ nodes are named after the tensor they quantise
+and charged to the layer reading it). For another CPU (``--device``) latency is
+*estimated* from its profile: max(MACs / peak ops at the precision, weight
+bytes / memory bandwidth).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from dscompile.compiler import qdq
+from dscompile.compiler.capabilities import (
+    FP16,
+    FP32,
+    INT4_WEIGHT,
+    INT8,
+    INT8_DYNAMIC,
+    WEIGHT_BITS,
+    Cost,
+    Layer,
+)
+from dscompile.compiler.graph import graph_inputs
+from dscompile.compiler.samples import synthetic_feeds
+
+log = logging.getLogger("dscompile")
+PROFILE_RUNS = 30
+# Figures an estimate reads from a CPU's device profile (profiles/devices/*.toml).
+PEAK_FIGURE = {FP32: "fp32_gflops", FP16: "fp32_gflops", INT8: "int8_gops", INT8_DYNAMIC: "int8_gops",
+               INT4_WEIGHT: "fp32_gflops"}
+BANDWIDTH_FIGURE = "memory_bandwidth_gbs"
+
+
+def weight_bytes(layer: Layer, precision: str, sizes: dict[str, int], channels: int, block: int = 32) -> int:
+    """Bytes of the layer's main weight at ``precision`` with its scales, plus its other tensors at fp32."""
+    if not layer.weights:
+        return 0
+    main = sizes.get(layer.weights[0], 0)
+    rest = sum(sizes.get(w, 0) for w in layer.weights[1:]) * 4
+    if precision in (INT8, INT8_DYNAMIC):
+        return main + 4 * channels + rest
+    if precision == INT4_WEIGHT:
+        blocks = -(-main // block)
+        return (main + 1) // 2 + blocks * 4 + (blocks + 1) // 2 + rest
+    return main * WEIGHT_BITS.get(precision, 32) // 8 + rest
+
+
+class OrtCpuCost:
+    """Cost of a layer at a precision: bytes always; latency measured here or estimated from a profile."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], menus: dict[str, tuple[str, ...]],
+                 lower, device: str, profile=None, threads: int | None = None) -> None:
+        self.model, self.layers, self.menus, self.lower = model, layers, menus, lower
+        self.device, self.profile, self.threads = device, profile, threads
+        self.sizes = {t.name: int(np.prod(t.dims)) if t.dims else 1 for t in model.graph.initializer}
+        self.dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        self.nodes = {n.name: n for n in model.graph.node}
+        self._latency: dict[str, dict[str, float]] | None = None
+        self._overhead = 0.0
+        self.source = ""
+
+    def cost(self, layer: Layer, precision: str) -> Cost:
+        nbytes = weight_bytes(layer, precision, self.sizes, self._channels(layer))
+        if self.profile is not None:
+            return Cost(nbytes, self._estimate(layer, precision, nbytes), "estimated", self.source_text())
+        lat = self.measured().get(precision, {}).get(layer.name)
+        if lat is None:
+            lat = self.measured().get(FP32, {}).get(layer.name, 0.0)
+        return Cost(nbytes, round(lat, 5), "measured", self.source_text())
+
+    def _channels(self, layer: Layer) -> int:
+        dims = self.dims.get(layer.weights[0], ()) if layer.weights else ()
+        node = self.nodes.get(layer.nodes[0])
+        if not dims or node is None:
+            return 1
+        return int(dims[qdq.channel_axis(node, len(dims)) % len(dims)])
+
+    def source_text(self) -> str:
+        if self.profile is not None:
+            return f"roofline from {Path(self.profile.file).name} ({self.profile.name})"
+        from dscompile.compiler.runtime import ort_version
+        from dscompile.profiles.host import host_label
+
+        return f"onnxruntime {ort_version()} profiler on {host_label()}"
+
+    def _estimate(self, layer: Layer, precision: str, nbytes: int) -> float:
+        peak = self.profile.value(PEAK_FIGURE.get(precision, "fp32_gflops")) * 1e9
+        bw = self.profile.value(BANDWIDTH_FIGURE) * 1e9
+        return round(max(2.0 * layer.macs / peak, nbytes / bw) * 1e3, 6)
+
+    def overhead_ms(self) -> float:
+        """Measured time of the nodes no layer owns (fp32 everywhere); 0 for estimates."""
+        if self.profile is not None:
+            return 0.0
+        self.measured()
+        return self._overhead
+
+    def measured(self) -> dict[str, dict[str, float]]:
+        if self._latency is None:
+            self._latency = self._profile_all()
+        return self._latency
+
+    def _profile_all(self) -> dict[str, dict[str, float]]:
+        precisions = sorted({p for ps in self.menus.values() for p in ps} - {FP16})
+        feed = synthetic_feeds(graph_inputs(self.model), 1, 0, self.model)[0]
+        owners = self._owners()
+        out: dict[str, dict[str, float]] = {}
+        for p in precisions:
+            assign = {lay.name: p for lay in self.layers if p in self.menus.get(lay.name, ())}
+            try:
+                times = _profile(self.lower(assign), feed, self.threads)
+                out[p] = _attribute(times, owners)
+                if p == FP32:
+                    self._overhead = max(0.0, sum(times.values()) - sum(out[p].values()))
+            except Exception as exc:  # a precision that fails to build here is simply not measured
+                log.debug("cost: profiling %s failed: %s", p, exc)
+        return out
+
+    def _owners(self) -> dict[str, str]:
+        """Node or tensor name -> layer that pays for it."""
+        owners: dict[str, str] = {}
+        for lay in self.layers:
+            for n in lay.nodes:
+                owners[n] = lay.name
+            for t in (*lay.inputs, *lay.outputs, *lay.weights):
+                owners.setdefault(t, lay.name)
+        return owners
+
+
+def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[str, float]:
+    """Mean kernel time (ms) per optimised node name over PROFILE_RUNS runs."""
+    import onnxruntime as ort
+    from dscompile.compiler.runtime import session_options
+
+    runs = 3 + PROFILE_RUNS
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "profile")
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        f = {k: v for k, v in feed.items() if k in names}
+        for _ in range(runs):
+            sess.run(None, f)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            name = e["name"][: -len("_kernel_time")]
+            times[name] = times.get(name, 0.0) + e.get("dur", 0) / 1e3 / runs
+    return times
+
+
+def _attribute(times: dict[str, float], owners: dict[str, str]) -> dict[str, float]:
+    """Per-layer ms from per-node ms; names onnxruntime rewrote are matched by known prefixes."""
+    per_layer: dict[str, float] = {}
+    known = sorted(owners, key=len, reverse=True)
+    for name, ms in times.items():
+        layer = _owner(name, owners, known)
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0.0) + ms
+    return per_layer
+
+
+def _owner(name: str, owners: dict[str, str], known: list[str]) -> str | None:
+    clean = name.removeprefix("fused ")
+    if clean in owners:
+        return owners[clean]
+    for suffix in ("_QuantizeLinear", "_DequantizeLinear", "_nchwc"):
+        base = clean.split(suffix)[0]
+        if base != clean and base in owners:
+            return owners[base]
+    for k in known:  # "<node>_token_3", "<node>/MatMulScaleFusion/", "<gemm>_6"
+        if clean.startswith(k) and len(clean) > len(k) and clean[len(k)] in "_/ ":
+            return owners[k]
+    return None
