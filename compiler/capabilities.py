@@ -33,7 +33,8 @@ class Layer:
 
     ``inputs`` are the activation tensors the layer reads (quantised at its
     entry), ``weights`` the initializers it owns, ``nodes`` every ONNX node in
-    the fused group, ``op`` the anchor op type that decides the menu.
+    the fused group, ``op`` the anchor op type that decides the menu; ``params``,
+    ``macs`` and ``activation_elems`` are per sample (batch 1).
     """
 
     name: str
@@ -45,6 +46,10 @@ class Layer:
     module: str | None = None
     params: int = 0
     macs: int = 0
+    # Elements of the activations the layer reads and writes, per sample (inputs
+    # that are not weights + outputs); 0 when unknown. The roofline estimate turns
+    # it into memory traffic at the layer's activation precision.
+    activation_elems: int = 0
 
 
 @dataclass(frozen=True)
