@@ -10,7 +10,11 @@ outputs compare with the ONNX model's directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,26 @@ class IoMap:
             d["signature"], tuple(IoBinding.from_json(b) for b in d["inputs"]),
             tuple(IoBinding.from_json(b) for b in d["outputs"]),
         )
+
+
+@contextlib.contextmanager
+def quiet_c_output() -> Iterator[None]:
+    """Silence fds 1 and 2 for the duration: LiteRT's C++ logs ("INFO: Created TensorFlow Lite
+    XNNPACK delegate") would otherwise land in the middle of dscompile's output."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        for fd, old in zip((1, 2), saved, strict=True):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(null)
 
 
 def litert_version() -> str:
@@ -140,6 +164,8 @@ class LiteRTRunner:
         self.signature = self.interpreter.get_signature_runner(self.io.signature)
         self.in_details = self.signature.get_input_details()
         self.out_details = self.signature.get_output_details()
+        with quiet_c_output():  # the first invocation applies XNNPACK, which logs
+            self.signature(**{k: np.zeros(d["shape"], d["dtype"]) for k, d in self.in_details.items()})
 
     def run(self, feed: Feed) -> list[np.ndarray]:
         assert self.io is not None

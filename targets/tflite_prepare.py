@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -54,15 +55,25 @@ def plan_inputs(specs: tuple[TensorSpec, ...]) -> InputPlan:
     return InputPlan(tuple(last), tuple(keep), tuple(overwrite))
 
 
+def onnx2tf_ops() -> set[str]:
+    """Op types onnx2tf has a converter module for (read from its package, without importing it:
+    importing onnx2tf imports TensorFlow)."""
+    spec = importlib.util.find_spec("onnx2tf")
+    if spec is None or not spec.origin:
+        return set()
+    return {p.stem for p in (Path(spec.origin).parent / "ops").glob("*.py") if not p.stem.startswith("_")}
+
+
 def check_convertible(model: onnx.ModelProto) -> None:
     """Refuse a node whose op has no onnx2tf converter, naming the first one."""
+    known = onnx2tf_ops()
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             raise InputError(
                 f"ONNX node {node.name or node.output[0]!r} ({node.domain}::{node.op_type}) has no TFLite "
                 "equivalent: custom-domain ops cannot be converted for the snapdragon target"
             )
-        if importlib.util.find_spec(f"onnx2tf.ops.{node.op_type}") is None:
+        if node.op_type not in known:
             raise InputError(
                 f"ONNX node {node.name or node.output[0]!r} ({node.op_type}) has no TFLite equivalent "
                 f"(onnx2tf has no converter for {node.op_type})"

@@ -109,10 +109,12 @@ def quantize(model: bytes, recipe: list[dict[str, Any]], calibration: dict[str, 
     if not recipe:
         return model
     from ai_edge_quantizer import quantizer
+    from dscompile.profiles.litert_runner import quiet_c_output
 
     q = quantizer.Quantizer(bytearray(model), recipe)
     try:
-        result = q.quantize(calibration or None, enable_progress_bar=False, enable_progress_report=False)
+        with quiet_c_output():  # it runs a LiteRT interpreter, which logs from C++
+            result = q.quantize(calibration or None, enable_progress_bar=False, enable_progress_report=False)
     except (ValueError, KeyError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise InputError(f"ai-edge-quantizer could not apply the plan: {text}") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -132,10 +133,12 @@ class _Litert:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         # Builtin kernels without XNNPACK: the delegate would hide its intermediates.
-        self.it = Interpreter(
-            model_content=tflite, experimental_preserve_all_tensors=True,
-            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "preserve_all_tensors is for debugging": that is the point here
+            self.it = Interpreter(
+                model_content=tflite, experimental_preserve_all_tensors=True,
+                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+            )
         self.key = next(iter(self.it.get_signature_list()))
         self.sig = self.it.get_signature_list()[self.key]
         self.runner = self.it.get_signature_runner(self.key)

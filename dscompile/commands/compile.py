@@ -34,13 +34,16 @@ from dscompile.targets.base import target_names
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Build this plan.json as it is (hand edits honoured) instead of planning.")
 @click.option("--fp32", "keep_fp32", is_flag=True, help="With --calib: verify on the data but build FP32.")
+@click.option("--remote", metavar="adb:SERIAL", help="Also time the artifact on this phone over ADB (snapdragon).")
+@click.option("--benchmark-binary", type=click.Path(path_type=Path, dir_okay=False), help="TFLite benchmark_model to push for --remote adb:SERIAL.")
 @plan_options
 @data_options
 @model_options
 @output_options
 @common_options
 def command(model: Path, target: str, device: str | None, verify_samples: int, threads: int | None, seed: int,
-            calib: Path | None, plan_file: Path | None, keep_fp32: bool, plan_settings: PlanSettings,
+            calib: Path | None, plan_file: Path | None, keep_fp32: bool, remote: str | None,
+            benchmark_binary: Path | None, plan_settings: PlanSettings,
             plots: Path | None, data_options: DataOptions, ingest_options: IngestOptions, output: Path | None,
             force: bool, as_json: bool) -> None:
     """Compile MODEL for a target, verify it, and write a report beside it.
@@ -58,6 +61,7 @@ def command(model: Path, target: str, device: str | None, verify_samples: int, t
         target=target, device=device, output=output, force=force, ingest=ingest_options,
         verify_samples=verify_samples, threads=threads, seed=seed, calib=calib, data=data_options,
         plan=plan_file, planning=plan_settings, quantize=not keep_fp32, plots=plots,
+        extra={k: v for k, v in (("remote", remote), ("benchmark_binary", benchmark_binary)) if v},
     )
     result = api.compile(model, target=target, options=options)
     if as_json:
