@@ -12,6 +12,7 @@ benchmark_tflite_model.cc), with or without an ``INFO: `` prefix:
     Memory footprint delta from the start of the tool (MB): init=4.58984 overall=7.82031
     Overall peak memory footprint (MB) via periodic monitoring: 93.2383
     Replacing 58 out of 58 node(s) with delegate (TfLiteXNNPackDelegate) node, yielding 1 partitions ...
+    TfLiteQnnDelegate delegate: 163 nodes delegated out of 163 nodes with 1 partitions.   (QNN delegate)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _STATS = re.compile(r"count=(\d+)((?: \w+=[-+0-9.eE]+)+)")
 _MEMORY = re.compile(rf"Memory footprint delta from the start of the tool \(MB\): init={_NUM} overall={_NUM}")
 _PEAK = re.compile(rf"Overall peak memory footprint \(MB\) via periodic monitoring: {_NUM}")
 _DELEGATED = re.compile(r"Replacing (\d+) out of (\d+) node\(s\) with delegate \(([^)]+)\) node, yielding (\d+) partitions")
+# The QNN delegate reports its own partitioning: "TfLiteQnnDelegate delegate: 163 nodes delegated out of 163 nodes with 1 partitions."
+_QNN = re.compile(r"(\w+) delegate: (\d+) nodes delegated out of (\d+) nodes with (\d+) partitions")
 _ERROR = re.compile(r"^(?:ERROR: .*|.*Benchmarking failed.*|.*Failed to .*)$", re.MULTILINE)
 
 
@@ -70,14 +73,16 @@ def parse_benchmark_output(text: str) -> BenchmarkResult:
     m = _TIMINGS.search(text)
     if not m:
         errors = _ERROR.findall(text)
-        why = errors[-1].strip() if errors else (text.strip().splitlines() or ["no output"])[-1][:200]
+        named = [e for e in errors if e.startswith("ERROR: ") and not e.rstrip().endswith(":")]
+        pick = named or errors
+        why = pick[-1].strip() if pick else (text.strip().splitlines() or ["no output"])[-1][:200]
         raise InputError(f"benchmark_model printed no 'Inference timings' line: {why}")
     init, first, warm, avg = (float(x) / 1e3 for x in m.groups())
     stats = [_fields(s) for s in _STATS.finditer(text[: m.start()])]
     timed = stats[-1] if stats else {}
     mem = _MEMORY.search(text)
     peak = _PEAK.search(text)
-    dele = _DELEGATED.findall(text)
+    dele = _DELEGATED.findall(text) or [(r, t, name, p) for name, r, t, p in _QNN.findall(text)]
     return BenchmarkResult(
         init, first, warm, avg,
         runs=int(timed["count"]) if "count" in timed else None,

@@ -25,7 +25,9 @@ from dscompile.profiles.host import host_label
 from dscompile.errors import InputError, MissingBackendError
 
 IO_METADATA = "dscompile.io_map"
-PIP_LINE = "pip install --no-deps -r requirements/snapdragon.lock  (the TFLite stack: ai-edge-litert, ai-edge-quantizer, onnx2tf)"
+# The TFLite stack pins its dependencies exactly, so pip's resolver cannot install it as an extra:
+# it comes from the lock, without dependency resolution (see README).
+PIP_LINE = "pip install --no-deps -r requirements/snapdragon.lock"
 
 Feed = dict[str, np.ndarray]
 

@@ -67,8 +67,15 @@ REASONS = {
 INT4_CHANNEL_BLOCK = 4096
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken install
+        return False
+
+
 def stack_missing() -> list[str]:
-    return [m for m in STACK if importlib.util.find_spec(m) is None]
+    return [m for m in STACK if not _importable(m)]
 
 
 def snapdragon_profile(device: str) -> DeviceProfile:

@@ -130,9 +130,26 @@ def assign_ops(
             p = FP32  # weight precisions change weights; this op of the layer has none
         precision[op.index] = p
     _glue(graph, layer_of, precision, ranges)
+    kept.extend(_float_glue(graph, layer_of, precision, ranges))
     used = {n for op in graph.ops if precision[op.index] in STATIC for n in _float_acts(graph, op)}
     symmetric = {i: precision[i] == INT16X8 or symmetric_layers.get(layer_of[i], False) for i in precision}
     return OpAssignment(precision, layer_of, {n: ranges[n] for n in used}, symmetric, kept)
+
+
+def _float_glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str],
+                ranges: dict[str, Range]) -> list[dict[str, object]]:
+    """Glue ops left float next to a quantized op because a tensor of theirs has no range."""
+    producer, consumers = graph.producer(), graph.consumers()
+    out = []
+    for op in graph.ops:
+        if layer_of[op.index] or precision[op.index] != FP32:
+            continue
+        near = [producer[i] for i in op.inputs if i in producer] + [c for i in op.outputs for c in consumers.get(i, [])]
+        wanted = next((precision[n.index] for n in near if precision[n.index] in STATIC), None)
+        missing = [a for a in _float_acts(graph, op) if a not in ranges]
+        if wanted and missing:
+            out.append({"op": op.name, "index": op.index, "layer": "", "wanted": wanted, "no_range_for": missing[0]})
+    return out
 
 
 def _glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str], ranges: dict[str, Range]) -> None:

@@ -94,7 +94,7 @@ def op_precision(graph: TflGraph, op: TflOp, producer: Mapping[int, TflOp]) -> s
         return INT16X8
     if "int8" in dtypes and any(a.quantized for a in acts):
         return INT8
-    if outs and outs[0].dtype not in ("float32", "float16"):
+    if outs and not any(o.dtype in ("float32", "float16") for o in outs):
         return outs[0].dtype  # index arithmetic, comparisons (int64, bool, ...)
     weights = [t[i] for i in op.inputs if i >= 0 and t[i].constant]
     if any(w.dtype in ("int8", "int4") for w in weights):
@@ -156,5 +156,3 @@ def layer_runs_on_htp(rules: QnnRules, onnx_op: str, precision: str, htp_fp16: b
     unit, why = rules.unit(tfl_ops[0], precision, htp_fp16)
     return unit == HTP, why
 
-
-MENU_PRECISIONS = (FP32, FP16, INT8, INT16X8, INT8_DYNAMIC, INT8_WEIGHT, INT4_WEIGHT)

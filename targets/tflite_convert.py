@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from dscompile.compiler.graph import TensorSpec
+from dscompile.compiler.graph import TensorSpec, graph_inputs
 from dscompile.targets.tflite_prepare import (
     InputPlan,
     canonical_gelu,
@@ -74,10 +74,10 @@ def sample_images() -> np.ndarray:
 
 def convert_onnx(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> FloatTflite:
     """Convert ``model`` (inputs described by ``specs``) to float32 TFLite bytes."""
+    plan = plan_inputs(specs, graph_inputs(model))
     check_convertible(model)
     prepared, fused = canonical_gelu(model)
     other_erf = sum(n.op_type == "Erf" for n in prepared.graph.node) > fused
-    plan = plan_inputs(specs)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     with private_workdir() as work, captured_output(work) as cap, no_network() as net:
         src = work / "model.onnx"
@@ -86,16 +86,17 @@ def convert_onnx(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> Float
         try:
             import onnx2tf
 
-            onnx2tf.convert(
+            keras_model = onnx2tf.convert(
                 input_onnx_file_path=str(src),
                 output_folder_path=str(work / "out"),
                 not_use_onnxsim=True,
                 keep_shape_absolutely_input_names=list(plan.keep_shape) or None,
                 overwrite_input_shape=list(plan.overwrite_shapes) or None,
                 replace_to_pseudo_operators=["erf"] if other_erf else None,
+                disable_model_save=True,  # no SavedModel, no float16 copy: we convert once, below
                 verbosity="info",
             )
-            tflite = (work / "out" / "model_float32.tflite").read_bytes()
+            tflite = keras_to_tflite(keras_model)
         except (Exception, SystemExit) as exc:  # onnx2tf ends failures with sys.exit(1)
             text = cap.text()
             log.debug("onnx2tf output:\n%s", text)
@@ -103,6 +104,20 @@ def convert_onnx(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> Float
     result = FloatTflite(tflite, onnx2tf_version(), plan, fused, other_erf, tuple(net.attempts))
     check_builtin_only(result.model, prepared)
     return result
+
+
+def keras_to_tflite(model: object) -> bytes:
+    """The float32 TFLite conversion onnx2tf itself runs (onnx2tf.py, "Float32 tflite output").
+
+    Select-TF ops stay allowed so a non-builtin op converts and is then named
+    by ``check_builtin_only`` instead of failing inside the converter.
+    """
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    converter.unfold_batchmatmul = False
+    return bytes(converter.convert())
 
 
 _OP_NAME = re.compile(r"onnx_op_name: (\S+)")

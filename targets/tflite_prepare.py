@@ -38,19 +38,36 @@ class InputPlan:
     overwrite_shapes: tuple[str, ...]  # "name:d0,d1,..." for inputs with dynamic dims
 
 
-def plan_inputs(specs: tuple[TensorSpec, ...]) -> InputPlan:
+TFLITE_INPUT_DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+def plan_inputs(specs: tuple[TensorSpec, ...], model_inputs: tuple[TensorSpec, ...] = ()) -> InputPlan:
     """Image-like float inputs go channels-last (what the NPU wants); the rest keep their shape.
 
     3-D inputs (NCW sequences) would otherwise become NWC, and integer inputs
-    (token ids) must never be permuted.
+    (token ids) must never be permuted. TFLite and the NPU run static shapes:
+    a dynamic batch becomes 1, any other dynamic axis must be given with
+    ``--input-shape``; an input type TFLite cannot take is refused.
     """
+    declared = {s.name: s for s in model_inputs}
     last, keep, overwrite = [], [], []
     for s in specs:
+        if s.dtype not in TFLITE_INPUT_DTYPES:
+            raise InputError(
+                f"input {s.name!r} is {s.dtype}: a TFLite model takes {', '.join(TFLITE_INPUT_DTYPES)}; "
+                "export the model with float32 inputs"
+            )
+        free = [i for i, d in enumerate(s.shape) if not isinstance(d, int) and i > 0]
+        if free:
+            raise InputError(
+                f"input {s.name!r} has dynamic axis {free[0]} ({s.shape[free[0]]!r}): the snapdragon target builds "
+                f"static shapes; give them with --input-shape {s.name}:{'x'.join(str(d) if isinstance(d, int) else 'N' for d in s.shape)}"
+            )
         if s.dtype.startswith("float") and len(s.shape) in (4, 5):
             last.append(s.name)
         else:
             keep.append(s.name)
-        if not s.is_static:
+        if not s.is_static or not declared.get(s.name, s).is_static:
             overwrite.append(f"{s.name}:{','.join(str(d) for d in concrete_shape(s))}")
     return InputPlan(tuple(last), tuple(keep), tuple(overwrite))
 
