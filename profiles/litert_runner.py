@@ -11,6 +11,7 @@ outputs compare with the ONNX model's directly.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -78,7 +79,7 @@ class IoMap:
 
 @contextlib.contextmanager
 def quiet_c_output() -> Iterator[None]:
-    """Silence fds 1 and 2 for the duration: LiteRT's C++ logs ("INFO: Created TensorFlow Lite
+    """Silence fds 1 and 2 (and sys.stdout/stderr) for the duration: LiteRT's C++ logs ("INFO: Created TensorFlow Lite
     XNNPACK delegate") would otherwise land in the middle of dscompile's output."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -88,7 +89,8 @@ def quiet_c_output() -> Iterator[None]:
     try:
         os.dup2(null, 1)
         os.dup2(null, 2)
-        yield
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield  # and Python-level writes (progress bars) wherever sys.stdout/stderr point
     finally:
         for fd, old in zip((1, 2), saved, strict=True):
             os.dup2(old, fd)

@@ -31,7 +31,9 @@ from dscompile.targets.tflite_prepare import (
     InputPlan,
     canonical_gelu,
     check_convertible,
+    constant_first_sub,
     plan_inputs,
+    with_static_inputs,
 )
 from dscompile.targets.tflite_sandbox import captured_output, no_network, private_workdir
 
@@ -76,7 +78,10 @@ def convert_onnx(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> Float
     """Convert ``model`` (inputs described by ``specs``) to float32 TFLite bytes."""
     plan = plan_inputs(specs, graph_inputs(model))
     check_convertible(model)
+    if plan.overwrite_shapes:
+        model = with_static_inputs(model, specs)
     prepared, fused = canonical_gelu(model)
+    prepared, _ = constant_first_sub(prepared)
     other_erf = sum(n.op_type == "Erf" for n in prepared.graph.node) > fused
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     with private_workdir() as work, captured_output(work) as cap, no_network() as net:

@@ -7,6 +7,10 @@
   pattern into the order onnx2tf recognises (same arithmetic, same result).
 - Any other ``Erf`` is converted with onnx2tf's builtin-only approximation
   (error below 1.5e-7).
+- ``Sub(constant, x)`` converts with its operands swapped in onnx2tf 1.29.24
+  (seen on YOLOv8's box decoding: anchors - offsets came out as offsets -
+  anchors); ``constant_first_sub`` writes it as ``x * -1 + constant``, the
+  same numbers, in ops onnx2tf converts correctly.
 - An ONNX op that onnx2tf has no converter for is refused up front, naming the
   node, instead of failing deep inside TensorFlow.
 """
@@ -70,6 +74,26 @@ def plan_inputs(specs: tuple[TensorSpec, ...], model_inputs: tuple[TensorSpec, .
         if not s.is_static or not declared.get(s.name, s).is_static:
             overwrite.append(f"{s.name}:{','.join(str(d) for d in concrete_shape(s))}")
     return InputPlan(tuple(last), tuple(keep), tuple(overwrite))
+
+
+def with_static_inputs(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> onnx.ModelProto:
+    """The model with its inputs at the concrete shapes of ``specs`` and the shape arithmetic folded.
+
+    A model exported with dynamic axes computes shapes at run time (Shape ->
+    Range -> anchors, in detectors); TFLite and the NPU run static shapes, and
+    onnx2tf converts such arithmetic only once it is constant. onnx-simplifier,
+    told the input shapes, folds it; a model it cannot handle is kept as it was.
+    """
+    import onnxsim
+    from dscompile.profiles.litert_runner import quiet_c_output
+
+    shapes = {s.name: list(concrete_shape(s)) for s in specs}
+    try:
+        with quiet_c_output():  # onnxsim reports ops it cannot fold from C++, on stdout
+            folded, ok = onnxsim.simplify(model, overwrite_input_shapes=shapes)
+    except Exception:  # the simplifier is an optimisation; verification catches what it misses
+        return model
+    return folded if ok else model
 
 
 def onnx2tf_ops() -> set[str]:
@@ -203,4 +227,30 @@ def canonical_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         nodes.extend(replaced.get(key, [n]))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    return out, count
+
+
+def constant_first_sub(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Rewrite ``Sub(c, x)`` (c constant, x computed) as ``Add(Mul(x, -1), c)``; returns (model, count)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = _Graph(out)
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for n in out.graph.node:
+        if n.op_type != "Sub" or len(n.input) != 2 or n.input[0] not in g.consts or n.input[1] in g.consts:
+            nodes.append(n)
+            continue
+        c = g.consts[n.input[0]]
+        if not np.issubdtype(c.dtype, np.floating):
+            nodes.append(n)
+            continue
+        tag = f"dscompile_sub{count}"
+        out.graph.initializer.append(numpy_helper.from_array(np.array(-1, dtype=c.dtype), f"{tag}_minus_one"))
+        nodes.append(helper.make_node("Mul", [n.input[1], f"{tag}_minus_one"], [f"{tag}_neg"], name=f"{n.name or tag}_neg"))
+        nodes.append(helper.make_node("Add", [f"{tag}_neg", n.input[0]], list(n.output), name=n.name))
+        count += 1
+    if count:
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
     return out, count

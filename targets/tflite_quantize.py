@@ -12,6 +12,7 @@ anchored on its exact scope, so the plan is applied op by op.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,7 +114,8 @@ def quantize(model: bytes, recipe: list[dict[str, Any]], calibration: dict[str, 
 
     q = quantizer.Quantizer(bytearray(model), recipe)
     try:
-        with quiet_c_output():  # it runs a LiteRT interpreter, which logs from C++
+        with quiet_c_output(), warnings.catch_warnings():  # it runs LiteRT interpreters, which log
+            warnings.simplefilter("ignore")
             result = q.quantize(calibration or None, enable_progress_bar=False, enable_progress_report=False)
     except (ValueError, KeyError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -175,15 +175,17 @@ def bind_io(
         tshape = tuple(int(d) for d in lite.in_details[in_names[name]]["shape"])
         prefer = channels_last_perm(len(shape)) if name in channels_last else None
         choices.append(_perms(shape, tshape, prefer) or [tuple(range(len(shape)))])
-    worst = np.inf
+    worst, first = np.inf, None
     for combo in itertools.islice(itertools.product(*choices), 16):
         inputs = tuple(IoBinding(n, in_names[n], p, str(feeds[0][n].dtype)) for n, p in zip(onnx_in, combo, strict=True))
+        first = first or inputs
         outs = [lite.run({b.tflite: b.to_tflite(f[b.onnx]) for b in inputs}) for f in feeds]
         bound, err = _bind_outputs(onnx_out, out_names, refs, outs)
         if bound is not None:
             return IoMap(lite.key, inputs, bound), outs, err
         worst = min(worst, err)
-    return IoMap(lite.key, (), ()), [], worst
+    # No output agrees: keep the preferred input layout so the caller can find where values diverge.
+    return IoMap(lite.key, first or (), ()), [], worst
 
 
 def _bind_outputs(onnx_out, out_names, refs, outs) -> tuple[tuple[IoBinding, ...] | None, float]:
@@ -295,9 +297,13 @@ def first_diverging(model: onnx.ModelProto, matched: set[str]) -> str:
             live[t] = t in matched or any(live.get(o, False) for c in consumers.get(t, []) for o in c.output)
     floats = {v.name for v in onnx.shape_inference.infer_shapes(model).graph.value_info
               if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT} | {o.name for o in model.graph.output}
+    const = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:  # constants (folded away by the converter) cannot diverge
+        if n.op_type == "Constant" or all(i in const for i in n.input if i):
+            const.update(n.output)
     for n in model.graph.node:
         for t in n.output:
-            if t in floats and not live.get(t, False):
+            if t in floats and t not in const and not live.get(t, False):
                 return f"{t!r} (output of ONNX node {n.name!r}, {n.op_type})"
     out = model.graph.output[0].name if model.graph.output else "?"
     return f"{out!r} (a model output)"

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dscompile.errors import InputError
 from dscompile.profiles.adb import Adb, adb_error, benchmark_command
 from dscompile.profiles.benchmark_model import parse_benchmark_output
 from dscompile.targets.base import BuildOptions
+
+from dscompile.errors import InputError
 
 DATA = Path(__file__).parent / "data" / "benchmark_model"
 
