@@ -27,6 +27,7 @@ from dscompile.fileio import sha256_file
 BUILTIN: dict[str, str] = {
     "ort-cpu": "dscompile.targets.ort_cpu:TARGET",
     "jetson-orin": "dscompile.targets.tensorrt:TARGET",
+    "snapdragon": "dscompile.targets.tflite:TARGET",
 }
 
 Feed = dict[str, np.ndarray]

@@ -37,9 +37,11 @@ from dscompile.targets.tensorrt_shapes import parse_shapes
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Build this plan.json as it is (hand edits honoured) instead of planning.")
 @click.option("--fp32", "keep_fp32", is_flag=True, help="With --calib: verify on the data but build FP32.")
+@click.option("--benchmark-binary", type=click.Path(path_type=Path, dir_okay=False), help="TFLite benchmark_model to push for --remote adb:SERIAL.")
 @plan_options
 @distill_options
-@click.option("--remote", metavar="USER@HOST[:PORT]", help="Build and time the engine on this board over SSH (key-based).")
+@click.option("--remote", metavar="USER@HOST[:PORT] | adb:SERIAL",
+              help="jetson-orin: build and time the engine on this board over SSH (key-based); snapdragon: time on this phone over ADB.")
 @click.option("--dla", type=int, metavar="CORE", help="Use this DLA core (GPU fallback) and report DLA eligibility.")
 @click.option("--shapes", multiple=True, metavar="NAME:MIN/OPT/MAX", help="Dynamic-input profile, dims as trtexec takes them, e.g. ids:1x8/1x16/8x64.")
 @click.option("--build/--no-build", "build_engine", default=None, help="Build the engine here (needs TensorRT); default: where it imports.")
@@ -50,8 +52,9 @@ from dscompile.targets.tensorrt_shapes import parse_shapes
 def command(model: Path, target: str, device: str | None, verify_samples: int, threads: int | None, seed: int,
             calib: Path | None, plan_file: Path | None, keep_fp32: bool, plan_settings: PlanSettings,
             plots: Path | None, distill: DistillOptions | None, bias_correction: bool, remote: str | None,
-            dla: int | None, shapes: tuple[str, ...], build_engine: bool | None, data_options: DataOptions,
-            ingest_options: IngestOptions, output: Path | None, force: bool, as_json: bool) -> None:
+            benchmark_binary: Path | None, dla: int | None, shapes: tuple[str, ...], build_engine: bool | None,
+            data_options: DataOptions, ingest_options: IngestOptions, output: Path | None, force: bool,
+            as_json: bool) -> None:
     """Compile MODEL for a target, verify it, and write a report beside it.
 
     With --calib, calibrate on the data, plan mixed precision layer by layer
@@ -70,7 +73,8 @@ def command(model: Path, target: str, device: str | None, verify_samples: int, t
         verify_samples=verify_samples, threads=threads, seed=seed, calib=calib, data=data_options,
         plan=plan_file, planning=plan_settings, quantize=not keep_fp32, plots=plots,
         distill=distill, bias_correction=bias_correction,
-        target_options=BuildOptions(remote=remote, shapes=parse_shapes(shapes), dla=dla, build_engine=build_engine),
+        target_options=BuildOptions(remote=remote, shapes=parse_shapes(shapes), dla=dla, build_engine=build_engine,
+                                    benchmark_binary=benchmark_binary),
     )
     result = api.compile(model, target=target, options=options)
     if as_json:
