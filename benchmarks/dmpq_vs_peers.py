@@ -117,10 +117,9 @@ def _size(path: Path) -> int:
 
 
 def ours(model: BenchModel, out: Path, calib: list[Feed]) -> None:
+    from dscompile import api
     from dscompile.compiler.ingest import IngestOptions
     from dscompile.compiler.shapes import parse_input_shape
-
-    from dscompile import api
     from dscompile.pipeline import CompileOptions
 
     data = out.parent / (out.stem + "_calib")

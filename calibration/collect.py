@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
+
 from dscompile.calibration.feeds import Feed, rows_of
 from dscompile.calibration.histograms import DEFAULT_BINS, StreamingHistogram
 from dscompile.calibration.methods import METHODS, QUANT_LEVELS, compute, values_needed
 from dscompile.calibration.progress import Progress
 from dscompile.calibration.table import CalibrationTable, TensorRange
-
 from dscompile.errors import InputError
 
 log = logging.getLogger("dscompile")
@@ -31,7 +32,7 @@ _INPUTS: dict[str, tuple[int, ...] | None] = {
     "MaxPool": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,), "GlobalMaxPool": (0,),
 }
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-_ACTIVATION_BUDGET = 512 << 20  # bytes of observed activations per onnxruntime run
+_ACTIVATION_BUDGET = 256 << 20  # bytes of observed activations per run (two runs' worth are alive)
 
 
 def quantizable_tensors(model: onnx.ModelProto) -> list[str]:
@@ -105,17 +106,23 @@ def calibrate(
     total = getattr(feeds, "count", None) or (sum(map(rows_of, feeds)) if isinstance(feeds, (list, tuple)) else None)
     rows = 0
     start = time.perf_counter()
-    with Progress("calibrating", total, enabled=progress) as bar:
+    observed_inputs = [n for n in names if n in graph_inputs]
+    # Histograms of batch k are updated on a worker thread while onnxruntime runs batch k+1 (both
+    # release the GIL); at most one batch of activations waits, so memory stays bounded.
+    with ThreadPoolExecutor(1, thread_name_prefix="calib") as pool, \
+            Progress("calibrating", total, enabled=progress) as bar:
+        pending = None
         for feed in _bounded(feeds, session, outputs, _dynamic_batch(model)):
             arrays = _run(session, outputs, feed)
-            for name, a in zip(outputs, arrays, strict=True):
-                if a.dtype.kind == "f":
-                    stats[name].update(a)
-            for name in graph_inputs.intersection(names):
-                stats[name].update(feed[name])
+            if pending is not None:
+                pending.result()
+            observed = [*zip(outputs, arrays, strict=True), *((n, feed[n]) for n in observed_inputs)]
+            pending = pool.submit(_update, stats, observed)
             n = rows_of(feed)
             rows += n
             bar.advance(n)
+        if pending is not None:
+            pending.result()
     if rows == 0:
         raise InputError("the calibration data holds no samples")
     seconds = time.perf_counter() - start
@@ -123,6 +130,12 @@ def calibrate(
     table = _table(stats, methods, percentile, num_bins, model_sha256, data_sha256, rows)
     _warn_thin(stats, methods, percentile, num_bins, rows)
     return table
+
+
+def _update(stats: dict[str, StreamingHistogram], observed: list[tuple[str, np.ndarray]]) -> None:
+    for name, a in observed:
+        if a.dtype.kind == "f":
+            stats[name].update(a)
 
 
 def _check_names(model: onnx.ModelProto, names: Sequence[str]) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from dscompile.calibration.feeds import (
     Feed,
     InputSpec,
@@ -46,7 +47,6 @@ from dscompile.calibration.images import (
     load_preprocess,
     resolve,
 )
-
 from dscompile.errors import InputError
 
 DATA_FORMAT = "dscompile-data/1"

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dscompile.calibration.kernels import add_abs, add_overflow, update_abs
+
 DEFAULT_BINS = 2048
 
 
@@ -74,30 +76,37 @@ class StreamingHistogram:
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
-        lo, hi = float(x.min()), float(x.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            finite = x[np.isfinite(x)]
-            self.nonfinite += x.size - finite.size
-            if finite.size == 0:
-                return
-            x, lo, hi = finite, float(finite.min()), float(finite.max())
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        top = max(abs(lo), abs(hi))
-        self.absmax = max(self.absmax, top)
-        self.values += x.size
-        if top == 0.0:
-            if self.width == 0.0:
-                self.zeros += x.size
-            else:
-                self.counts[0] += x.size
-            return
+        flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
         if self.width == 0.0:
-            self._start(top)
-        else:
-            self._grow(top)
-        self._add(x)
+            self._first(flat)
+            return
+        n, inv = len(self.counts), 1.0 / self.width
+        lo, hi, overflow, nonfinite = update_abs(flat, self.counts, inv)  # the steady state: one pass
+        self._account(flat.size - nonfinite, nonfinite, lo, hi)
+        if overflow:  # larger values than the range holds: grow (exactly), then bin just those
+            self._grow(max(abs(lo), abs(hi)))
+            add_overflow(flat, self.counts, inv, n, 1.0 / self.width)
+
+    def _first(self, flat: np.ndarray) -> None:
+        """Until a non-zero value arrives there is no bin width: take min/max first."""
+        finite = flat if np.isfinite(flat).all() else flat[np.isfinite(flat)]
+        self._account(finite.size, flat.size - finite.size, *((float(finite.min()), float(finite.max()))
+                                                               if finite.size else (math.inf, -math.inf)))
+        top = self.absmax
+        if finite.size == 0:
+            return
+        if top == 0.0:
+            self.zeros += finite.size
+            return
+        self._start(top)
+        add_abs(finite, self.counts, 1.0 / self.width)
+
+    def _account(self, values: int, nonfinite: int, lo: float, hi: float) -> None:
+        self.values += values
+        self.nonfinite += nonfinite
+        if values:
+            self.min, self.max = min(self.min, lo), max(self.max, hi)
+            self.absmax = max(self.absmax, abs(self.min), abs(self.max))
 
     def _start(self, top: float) -> None:
         self.width = top / self.num_bins
@@ -119,16 +128,6 @@ class StreamingHistogram:
             needed = math.ceil(top / self.width)
         if needed > len(self.counts):
             self.counts = np.concatenate([self.counts, np.zeros(needed - len(self.counts), np.int64)])
-
-    def _add(self, x: np.ndarray) -> None:
-        n = len(self.counts)
-        scaled = np.abs(x).ravel()
-        scaled *= np.float32(1.0 / self.width)
-        # float32 rounding can put a value at the top edge into bin n: fold it into the last bin
-        binned = np.bincount(scaled.astype(np.intp), minlength=n + 1)
-        if len(binned) > n:
-            binned[n - 1] += binned[n:].sum()
-        self.counts += binned[:n]
 
     def finish(self) -> Histogram:
         if self.width == 0.0:

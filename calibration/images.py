@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import tomllib
-from dscompile.calibration.feeds import InputSpec
 
+from dscompile.calibration.feeds import InputSpec
 from dscompile.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -18,7 +18,9 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+
 from dscompile.calibration.histograms import Histogram
+from dscompile.calibration.kernels import kl_all, mse_errors
 from dscompile.calibration.table import METHODS
 
 QUANT_LEVELS = 128  # 8-bit signed: 128 magnitudes + sign
@@ -43,38 +45,11 @@ def entropy_amax(h: Histogram, levels: int = QUANT_LEVELS, start: int = START_BI
         return float(h.absmax)
     b = h.counts.astype(np.float64)
     b[0] = b[1]
-    total = b.sum()
     cand = np.arange(start, n + 1)
-    kl = _kl_all(b, total, cand, levels)
+    kl = kl_all(b, start, levels)
     best = np.flatnonzero(kl <= kl.min() + _TIE)[-1] if np.isfinite(kl).any() else len(cand) - 1
     # the last bin's right edge can pass absmax once the histogram grew: never clip above the data
     return float(min(cand[best] * h.width, h.absmax))
-
-
-def _kl_all(b: np.ndarray, total: float, cand: np.ndarray, levels: int) -> np.ndarray:
-    """KL(P || Q) for every candidate bin count in ``cand``, from prefix sums (O(levels) each)."""
-    csum = np.concatenate([[0.0], np.cumsum(b)])
-    nonzero = np.concatenate([[0], np.cumsum(b > 0)]).astype(np.float64)
-    blogb = np.concatenate([[0.0], np.cumsum(np.where(b > 0, b * np.log(np.where(b > 0, b, 1.0)), 0.0))])
-    k = np.arange(levels + 1)
-    bounds = (k[None, :] * cand[:, None] + levels - 1) // levels  # level k spans bins [bounds[k], bounds[k+1])
-    s = csum[bounds[:, 1:]] - csum[bounds[:, :-1]]  # count per level
-    m = nonzero[bounds[:, 1:]] - nonzero[bounds[:, :-1]]  # non-empty bins per level
-    kept = csum[cand]  # sum of Q before normalising
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logq_level = np.where(m > 0, np.log(np.where(s > 0, s, 1.0) / np.where(m > 0, m, 1.0)), 0.0) - np.log(kept)[:, None]
-        # sum over j < i, b_j > 0 of b_j * log q_j, grouped by level
-        b_logq = np.sum(s * logq_level, axis=1)
-        # P_j = b_j / T except the last kept bin, which also holds the outliers
-        kl = (blogb[cand] - csum[cand] * math.log(total) - b_logq) / total
-        last = b[cand - 1]
-        outliers = total - csum[cand]
-        logq_last = logq_level[:, -1]
-        fixed = (last + outliers) * (np.log(last + outliers) - math.log(total) - logq_last)
-        naive = np.where(last > 0, last * (np.log(np.where(last > 0, last, 1.0)) - math.log(total) - logq_last), 0.0)
-        kl = kl + np.where(last + outliers > 0, fixed - naive, 0.0) / total
-    # P > 0 where Q == 0: the last kept bin is empty but outliers land in it
-    return np.where((last == 0) & (outliers > 0), np.inf, kl)
 
 
 def minmax_amax(h: Histogram) -> float:
@@ -106,10 +81,7 @@ def mse_amax(h: Histogram, start: int = START_BIN, stride: int = 8) -> float:
     counts, centres = counts[used], centres[used]
 
     def errors(edges: np.ndarray) -> np.ndarray:
-        amax = edges * h.width
-        scale = (amax / 127.0)[:, None]
-        q = np.minimum(np.rint(centres[None, :] / scale), 127.0) * scale
-        return ((q - centres[None, :]) ** 2 * counts[None, :]).sum(1)
+        return mse_errors(counts, centres, edges * h.width)
 
     coarse = np.arange(start, n + 1, stride)
     best = int(coarse[np.argmin(errors(coarse))])

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from dscompile.compiler.capabilities import FP32
 
+from dscompile.compiler.capabilities import FP32
 from dscompile.errors import InputError
 
 BUDGET_KINDS = ("kl", "size", "latency")

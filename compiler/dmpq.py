@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.allocate import Allocation, Budget, Choice, allocate
 from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
+
 from dscompile.compiler import qdq
 from dscompile.compiler.capabilities import Layer, Numerics
 from dscompile.compiler.layers import GraphIndex
-from onnx import TensorProto, helper
 
 GATE_MODES = ("static", "static16", "dynamic", "fp16")
 

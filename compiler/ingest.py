@@ -14,6 +14,8 @@ import logging
 import os
 import pickle
 import re
+import sys
+import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+
 from dscompile.compiler.graph import (
     ModelGraph,
     SourceInfo,
@@ -30,8 +33,7 @@ from dscompile.compiler.graph import (
     graph_outputs,
 )
 from dscompile.compiler.samples import synthetic_feeds
-from dscompile.compiler.shapes import override_specs, with_dynamic
-
+from dscompile.compiler.shapes import name_positional, override_specs, with_dynamic
 from dscompile.errors import InputError, VerificationError
 from dscompile.fileio import sha256_file
 
@@ -157,8 +159,12 @@ def _check_topology(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    """The line of an exception's message that says what went wrong."""
+    lines = [ln.strip() for ln in (str(exc).strip() or type(exc).__name__).splitlines() if ln.strip()]
+    # TorchScript puts a generic header first and the real error ("RuntimeError: ...") last.
+    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
+        return lines[-1][:300]
+    return lines[0][:300]
 
 
 def ingest(path: str | os.PathLike, options: IngestOptions = IngestOptions()) -> Ingested:
@@ -242,7 +248,7 @@ def _load_pickle(p: Path, trusted: bool) -> Any:
 
 
 def _torch_specs(p: Path, module: Any, example: tuple | None, options: IngestOptions) -> tuple[TensorSpec, ...]:
-    specs = list(options.input_shapes)
+    specs = name_positional(list(options.input_shapes))
     if not specs and example is not None:
         specs = [
             TensorSpec(f"input{i}" if i else "input", tuple(t.shape), str(t.dtype).removeprefix("torch."))
@@ -251,7 +257,26 @@ def _torch_specs(p: Path, module: Any, example: tuple | None, options: IngestOpt
     if not specs:
         raise InputError(f"{p}: a torch model needs its input shapes: pass --input-shape NAME:1x3x224x224")
     specs = [_infer_dtype(module, s, specs) for s in specs]
+    _probe(p, module, specs)
     return tuple(with_dynamic(s, options.dynamic[s.name]) if s.name in options.dynamic else s for s in specs)
+
+
+def _callable(module: Any) -> Any:
+    import torch
+
+    return module.module() if isinstance(module, torch.export.ExportedProgram) else module
+
+
+def _probe(p: Path, module: Any, specs: list[TensorSpec]) -> None:
+    """Run the model once on inputs of the given shapes, so a wrong shape is named as such."""
+    import torch
+
+    with torch.no_grad(), _quiet():
+        try:
+            _callable(module)(*_torch_args(tuple(specs)))
+        except Exception as exc:
+            shapes = ", ".join(f"{s.name}:{'x'.join(map(str, s.shape))}:{s.dtype}" for s in specs)
+            raise InputError(f"{p}: the model rejects inputs {shapes}: {_first_line(exc)[:200]}") from None
 
 
 def _infer_dtype(module: Any, spec: TensorSpec, specs: list[TensorSpec]) -> TensorSpec:
@@ -261,8 +286,8 @@ def _infer_dtype(module: Any, spec: TensorSpec, specs: list[TensorSpec]) -> Tens
     import torch
 
     shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
-    call = module.module() if hasattr(module, "module") and not isinstance(module, torch.nn.Module) else module
-    with torch.no_grad():
+    call = _callable(module)
+    with torch.no_grad(), _quiet():
         try:
             call(torch.zeros(shape))
             return spec
@@ -277,22 +302,35 @@ def _infer_dtype(module: Any, spec: TensorSpec, specs: list[TensorSpec]) -> Tens
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress to stdout and warnings to logging: keep ours clean."""
+    """The exporters print progress and graphs to stdout (some from C++) and warnings to
+    logging: keep our stdout (JSON) and stderr (one-line errors) clean."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            yield
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
     finally:
+        for fd in saved:
+            os.close(fd)
         for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
 
 
 def _torch_args(specs: tuple[TensorSpec, ...]) -> tuple:
     import torch
+
     from dscompile.compiler.samples import concrete_shape
 
     return tuple(torch.zeros(concrete_shape(s), dtype=getattr(torch, s.dtype)) for s in specs)
@@ -307,7 +345,9 @@ def export_to_onnx(module: Any, specs: tuple[TensorSpec, ...], fmt: str, path: P
     dynamic = {s.name: [i for i, d in enumerate(s.shape) if isinstance(d, str)] for s in specs}
     dynamic = {k: v for k, v in dynamic.items() if v}
     errors: list[str] = []
-    attempts = ("torchscript",) if fmt == "torchscript" else ("dynamo", "torchscript")
+    # TorchScript: convert to an ExportedProgram for the dynamo exporter; the TorchScript
+    # exporter loses ranks on loaded traced modules (transformers) and is the fallback.
+    attempts = ("ts2ep", "torchscript") if fmt == "torchscript" else ("dynamo", "torchscript")
     for how in attempts:
         try:
             with _quiet():
@@ -317,12 +357,20 @@ def export_to_onnx(module: Any, specs: tuple[TensorSpec, ...], fmt: str, path: P
             errors.append(_export_failure(exc))
         if isinstance(module, torch.export.ExportedProgram):
             break
-    raise InputError(f"{path}: export to ONNX failed: {errors[0]}")
+    named = [e for e in errors if e.startswith("the exporter could not handle")]
+    raise InputError(f"{path}: export to ONNX failed: {(named or errors)[0]}")
 
 
 def _export_once(module: Any, args: tuple, names: list[str], dynamic: dict, how: str) -> onnx.ModelProto:
     import torch
 
+    if how == "ts2ep":
+        # torch's own TorchScript -> torch.export bridge
+        from torch._export.converter import TS2EPConverter
+
+        module, how = TS2EPConverter(module, args).convert(), "dynamo"
+        if dynamic:
+            raise ValueError("dynamic axes need the TorchScript exporter")
     if how == "dynamo":
         dyn = None
         if dynamic:
@@ -339,22 +387,37 @@ def _export_once(module: Any, args: tuple, names: list[str], dynamic: dict, how:
     return onnx.load_from_string(buf.getvalue())
 
 
-_OP_IN_MESSAGE = re.compile(r"(aten::?\.?[A-Za-z_0-9.]+|prim::[A-Za-z_0-9]+|[A-Za-z_0-9]+::[A-Za-z_0-9.]+)")
+_OP_IN_MESSAGE = re.compile(r"'?(aten(?:::|\.)[A-Za-z_0-9]+)")
 
 
 def _export_failure(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    op = _OP_IN_MESSAGE.search(text)
-    head = _first_line(exc)
-    return f"the exporter could not handle {op.group(1)} ({head[:200]})" if op else head[:300]
+    """The first aten op named anywhere in the exception chain, else the first line."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        op = _OP_IN_MESSAGE.search(" ".join(str(e).split()))
+        if op:
+            why = _first_line(e).split(" This is step")[0]
+            return f"the exporter could not handle {op.group(1)} ({why[:200]})"
+    return _first_line(exc)
 
 
 def layer_map(model: onnx.ModelProto) -> dict[str, str]:
     """ONNX node name -> torch module path, from the exporter's name scopes."""
     out: dict[str, str] = {}
+    inits = {t.name for t in model.graph.initializer}
     for node in model.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
-        path = _module_from_namespace(meta["namespace"]) if "namespace" in meta else _module_from_name(node.name)
+        # A fused node (Conv+BN) carries the BN's scope; its weight keeps the torch parameter's name.
+        weight = next((i for i in node.input[1:] if i in inits and i.endswith(".weight")), None)
+        if weight:
+            path = weight.removesuffix(".weight")
+        elif "namespace" in meta:
+            path = _module_from_namespace(meta["namespace"])
+        else:
+            path = _module_from_name(node.name)
         if path:
             out[node.name] = path
     return out
@@ -394,11 +457,12 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 def check_export(module: Any, graph: ModelGraph, options: IngestOptions) -> dict[str, Any]:
     """Run torch and onnxruntime on the same inputs; fail past ``export_rtol``."""
     import torch
+
     from dscompile.compiler.runtime import ort_session, run_session
 
     feeds = synthetic_feeds(graph.inputs, options.check_samples, options.seed, graph.model)
     sess = ort_session(graph.model)
-    call = module.module() if isinstance(module, torch.export.ExportedProgram) else module
+    call = _callable(module)
     worst = 0.0
     worst_abs = 0.0
     for feed in feeds:

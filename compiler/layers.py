@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+
 from dscompile.compiler.capabilities import Layer
 from dscompile.compiler.graph import ModelGraph, node_macs, static_shapes
 

@@ -15,7 +15,6 @@ from typing import Any
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import INT8, INT16X8, PRECISIONS, Layer, TargetCapabilities
 from dscompile.compiler.ranges import activation_range, range_from_json
-
 from dscompile.errors import InputError
 from dscompile.fileio import write_json
 

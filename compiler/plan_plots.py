@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 from dscompile.compiler.plan import QuantPlan
-
 from dscompile.errors import MissingBackendError
 
 _COLORS = {"fp32": "#4c72b0", "fp16": "#8172b2", "int8": "#55a868", "int8_dynamic": "#64b5cd",

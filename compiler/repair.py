@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from dscompile.compiler.capabilities import FP32
 from dscompile.compiler.plan import LayerPlan, QuantPlan
 from dscompile.compiler.verify import Fidelity
-
 from dscompile.errors import InputError, VerificationError
 
 log = logging.getLogger("dscompile")

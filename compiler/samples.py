@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+
 from dscompile.compiler.graph import TensorSpec
 
 Feed = dict[str, np.ndarray]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+
 from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities
 from dscompile.compiler.emulate import Emulator, build_emulator
 from dscompile.compiler.verify import looks_like_scores
@@ -86,6 +87,7 @@ class _Runner:
 
     def __init__(self, emu: Emulator, feeds: Sequence[Feed], threads: int | None) -> None:
         import onnxruntime as ort
+
         from dscompile.compiler.runtime import session_options
 
         self.emu, self.feeds = emu, list(feeds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 from dscompile.compiler.graph import Dim, TensorSpec
-
 from dscompile.errors import InputError
 
 _DTYPES = {"float32", "float16", "int64", "int32", "int8", "uint8", "bool", "float64"}
@@ -13,7 +12,7 @@ _SHAPE = re.compile(r"^(?:(?P<name>[^:]+):)?(?P<dims>[0-9]+(?:[x,][0-9]+)*)(?::(
 
 
 def parse_input_shape(text: str, position: int = 0) -> TensorSpec:
-    """``name:1x3x224x224[:dtype]`` (the name may be left out for a single input)."""
+    """``name:1x3x224x224[:dtype]``; without a name the spec is positional (name "")."""
     m = _SHAPE.match(text.strip())
     if not m:
         raise InputError(
@@ -25,7 +24,12 @@ def parse_input_shape(text: str, position: int = 0) -> TensorSpec:
     dtype = m["dtype"] or "float32"
     if dtype not in _DTYPES:
         raise InputError(f"--input-shape {text!r}: unknown dtype {dtype!r} (one of {', '.join(sorted(_DTYPES))})")
-    return TensorSpec(m["name"] or ("input" if position == 0 else f"input{position}"), dims, dtype)
+    return TensorSpec(m["name"] or "", dims, dtype)
+
+
+def name_positional(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Give unnamed specs the names torch sources get: input, input1, input2, ..."""
+    return [s if s.name else TensorSpec("input" if i == 0 else f"input{i}", s.shape, s.dtype) for i, s in enumerate(specs)]
 
 
 def parse_dynamic(texts: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
@@ -56,8 +60,8 @@ def override_specs(graph_specs: tuple[TensorSpec, ...], given: list[TensorSpec])
     if not given:
         return graph_specs
     by_name = {s.name: s for s in graph_specs}
-    if len(given) == 1 and len(graph_specs) == 1 and given[0].name not in by_name:
-        given = [TensorSpec(graph_specs[0].name, given[0].shape, graph_specs[0].dtype)]
+    given = [TensorSpec(graph_specs[i].name, g.shape, g.dtype) if not g.name and i < len(graph_specs) else g
+             for i, g in enumerate(given)]
     for g in given:
         if g.name not in by_name:
             raise InputError(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from dscompile.compiler.report import build_report
 from dscompile.compiler.samples import synthetic_feeds
 from dscompile.compiler.verify import Fidelity, compare
 from dscompile.errors import InputError, MissingBackendError, OutputError, VerificationError
-from dscompile.fileio import check_writable, write_json
+from dscompile.fileio import check_writable, make_stage, replace_dir, write_json
 from dscompile.planning import (
     PlanSettings,
     calibration_tensors,
@@ -110,7 +110,7 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     plan = plan_stage(target, graph, device, calibrated, options)
     if options.plots and plan is not None:
         write_plan_plots(plan, options.plots, options.force)
-    stage = _make_stage(out)
+    stage = make_stage(out)
     try:
         build = BuildOptions(options.seed, options.threads, device, extra=options.extra)
         artifact = target.lower(graph, plan, table, stage, build)
@@ -180,13 +180,6 @@ def _calibration_report(c: Calibrated) -> dict[str, Any]:
     }}
 
 
-def _make_stage(out: Path) -> Path:
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stage", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write in {out.parent} ({exc.strerror})") from None
-
-
 def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOptions,
             holdout: tuple[dict, ...] = (), plan: QuantPlan | None = None) -> tuple[Fidelity | None, dict | None]:
     graph = ingested.graph
@@ -219,19 +212,19 @@ def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOpti
 def _commit(stage: Path, artifact: Artifact, out: Path, rpath: Path, report: dict, kind: str, force: bool) -> Artifact:
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to overwrite)")
-    if kind == "dir":
-        write_json(stage / "report.json", report, force=True)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        stage.rename(out)
-        stage.mkdir()  # the caller's cleanup removes this empty placeholder
-        return artifact.relocated(out)
-    write_json(rpath, report, force)
     try:
+        if kind == "dir":
+            write_json(stage / "report.json", report, force=True)
+            replace_dir(stage, out)
+            stage.mkdir()  # the caller's cleanup removes this empty placeholder
+            return artifact.relocated(out)
+        # The artifact lands first: a run killed between the renames leaves a complete,
+        # verified artifact without its report, never a report without its artifact.
         for f in artifact.files:
-            dest = out if f.path == artifact.primary else out.parent / f.path
-            (stage / f.path).replace(dest)
+            if f.path != artifact.primary:
+                os.replace(stage / f.path, out.parent / f.path)
+        os.replace(stage / artifact.primary, out)
     except OSError as exc:
-        rpath.unlink(missing_ok=True)
         raise OutputError(f"{out}: cannot write ({exc.strerror})") from None
+    write_json(rpath, report, force)
     return artifact.relocated(out.parent, out.name)

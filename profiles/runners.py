@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from dscompile.compiler.runtime import ort_session, ort_version, run_session
 from dscompile.profiles.host import host_label
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import TargetCapabilities
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.plan import QuantPlan
-
 from dscompile.errors import InputError
 from dscompile.fileio import sha256_file
 

@@ -27,11 +27,10 @@ from dscompile.compiler.layers import ACT_MATMUL, CONTROL_FLOW, INTEGER_OPS, REC
 from dscompile.compiler.normalize import normalize
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan, plan_ranges
+from dscompile.errors import InputError
 from dscompile.profiles.runners import OrtRunner
 from dscompile.targets.base import Artifact, BuildOptions, describe_files
 from dscompile.targets.ort_cpu_qdq import INT4_BLOCK, Range, check_layer, lower_qdq
-
-from dscompile.errors import InputError
 
 MODEL_FILE = "model.onnx"
 THIS_CPU = "this-cpu"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from dscompile.compiler import qdq
 from dscompile.compiler.capabilities import (
     FP16,
@@ -140,6 +141,7 @@ class OrtCpuCost:
 def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[str, float]:
     """Mean kernel time (ms) per optimised node name over PROFILE_RUNS runs."""
     import onnxruntime as ort
+
     from dscompile.compiler.runtime import session_options
 
     runs = 3 + PROFILE_RUNS

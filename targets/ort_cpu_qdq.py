@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+
 from dscompile.compiler import qdq
 from dscompile.compiler.capabilities import (
     FP16,
@@ -29,8 +31,6 @@ from dscompile.compiler.capabilities import (
     Layer,
 )
 from dscompile.compiler.layers import ACT_MATMUL, GraphIndex
-from onnx import numpy_helper
-
 from dscompile.errors import InputError
 
 # Ops whose output keeps the input's quantisation parameters (Q/DQ around them drop).

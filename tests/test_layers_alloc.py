@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from dscompile.compiler.allocate import Budget, Choice, allocate, parse_budget
 from dscompile.compiler.graph import ModelGraph, SourceInfo, graph_inputs, graph_outputs
 from dscompile.compiler.layers import ACT_MATMUL, find_layers
 from dscompile.compiler.normalize import normalize, onnx_opset
-from onnx import TensorProto, helper, numpy_helper
-
 from dscompile.errors import InputError
 
 RNG = np.random.default_rng(1)

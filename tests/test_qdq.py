@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from dscompile.compiler import qdq
 from dscompile.compiler.graph import ModelGraph, SourceInfo, graph_inputs, graph_outputs
 from dscompile.compiler.layers import find_layers
 from dscompile.compiler.normalize import normalize
 from dscompile.targets.ort_cpu_qdq import Range, lower_qdq
-from onnx import TensorProto, helper, numpy_helper
 
 RNG = np.random.default_rng(0)
 

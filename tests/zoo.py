@@ -84,6 +84,7 @@ def _train_sequence(model: nn.Module, steps: int, seed: int) -> float:
 
 def _save(model: nn.Module, example: torch.Tensor, folder: Path, name: str, input_name: str) -> tuple[Path, Path]:
     import onnx
+
     from dscompile.compiler.ingest import export_to_onnx, simplify
     from dscompile.compiler.shapes import parse_input_shape
 
