@@ -153,7 +153,12 @@ def write_trt_cache(table: CalibrationTable, path: str | Path, method: str = "en
 
 def read_trt_cache(path: str | Path) -> tuple[str, dict[str, float]]:
     """(header, {tensor: scale}) from a TensorRT calibration cache."""
-    lines = Path(path).read_text().splitlines()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such TensorRT calibration cache") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a TensorRT calibration cache (not text)") from None
     if not lines or not lines[0].startswith("TRT-"):
         raise InputError(f"{path}: not a TensorRT calibration cache (no TRT- header)")
     scales = {}
