@@ -19,6 +19,8 @@ from dscompile.compiler.graph import node_macs, static_shapes
 from dscompile.errors import InputError
 
 ANCHORS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulInteger", "ConvInteger", "MatMulNBits", "QLinearConv", "QLinearMatMul"}
+RECURRENT_GATES = {"GRU": 3, "LSTM": 4, "RNN": 1}  # matrix products per time step, per direction
+ANCHORS |= set(RECURRENT_GATES)
 FUSABLE = {
     "BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
     "Add", "Mul", "Sub", "Div", "Gelu", "Erf", "PRelu", "Elu", "Selu", "Softplus",
@@ -156,12 +158,25 @@ def _layer(group, nodes, names, shapes, inits, consumers, outputs) -> Layer:
     ins = tuple(dict.fromkeys(t for g in group for t in nodes[g].input if t and t not in inits and t not in produced))
     outs = tuple(o for o in produced if o in outputs or any(c not in members for c in consumers.get(o, [])))
     act = sum(_elems(shapes.get(t)) for t in ins + outs)
-    macs = sum(node_macs(nodes[g], shapes) for g in group)
+    macs = sum(node_macs(nodes[g], shapes) + _recurrent_macs(nodes[g], shapes) for g in group)
     return Layer(
         name=names[group[0]], op=anchor.op_type, nodes=tuple(names[g] for g in group), inputs=ins, outputs=outs,
         weights=weights, params=params if anchor.op_type in ANCHORS else 0, macs=macs, activation_elems=act,
         depthwise=_is_depthwise(anchor, inits),
     )
+
+
+def _recurrent_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    """GRU/LSTM/RNN: steps x directions x gates x hidden x (input + hidden), from X and W's shapes."""
+    gates = RECURRENT_GATES.get(node.op_type)
+    x, w = shapes.get(node.input[0]), shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if not gates or not x or not w or len(x) != 3:
+        return 0
+    layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+    steps, batch = (x[1], x[0]) if layout else (x[0], x[1])
+    directions, hidden_x_gates, inputs = w
+    hidden = hidden_x_gates // gates
+    return steps * batch * directions * gates * hidden * (inputs + hidden)
 
 
 def _is_depthwise(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:

@@ -207,3 +207,17 @@ def test_qdq_model_folds_to_its_float_layers_with_precisions():
     assert all(n.op_type not in ("QuantizeLinear", "DequantizeLinear") for n in folded.graph.node)
     assert list(precisions.values()) == ["int8"]
     assert extract_layers(folded)[0].macs == extract_layers(toy_model())[0].macs
+
+
+def test_recurrent_layers_count_their_macs():
+    from onnx import helper
+
+    steps, batch, inp, hidden = 5, 2, 6, 4
+    w = helper.make_tensor("W", onnx.TensorProto.FLOAT, (1, 3 * hidden, inp), [0.1] * (3 * hidden * inp))
+    r = helper.make_tensor("R", onnx.TensorProto.FLOAT, (1, 3 * hidden, hidden), [0.1] * (3 * hidden * hidden))
+    node = helper.make_node("GRU", ["x", "W", "R"], ["y"], hidden_size=hidden)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, (steps, batch, inp))],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w, r])
+    (layer,) = extract_layers(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert layer.op == "GRU" and layer.params == 3 * hidden * (inp + hidden)
+    assert layer.macs == steps * batch * 3 * hidden * (inp + hidden)
