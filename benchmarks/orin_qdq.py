@@ -4,8 +4,8 @@
 
 On the in-repo zoo (trained here: digits CNN, tiny transformer), with the same calibration data
 and the same held-out data, it builds:
-- ours: ``dscompile --target jetson-orin --calib`` (no DMPQ plan: calibrated INT8 where TensorRT
-  has INT8 kernels, FP16 elsewhere);
+- ours: ``dscompile --target jetson-orin --calib`` at default settings (DMPQ plans with this
+  target's menu and cost model, then the TensorRT placement lowers the plan);
 - Model Optimizer: ``modelopt.onnx.quantization.quantize(quantize_mode='int8',
   calibration_method='entropy', calibration_eps=['cpu'], simplify=True, dq_only=True)`` in a
   child process (it patches onnxruntime's quantization module), when nvidia-modelopt imports
@@ -64,7 +64,8 @@ def run_modelopt(src: Path, dst: Path, calib: Path, input_name: str, site: str |
 
 
 def evaluate(path: Path, reference: onnx.ModelProto, xs: np.ndarray, ys: np.ndarray, input_name: str) -> dict:
-    ref, sess = ort_session(reference), ort_session(str(path))
+    # graph optimizations off on both sides: the reference Q/DQ arithmetic TensorRT runs, not ORT's rewrites
+    ref, sess = ort_session(reference, optimize=False), ort_session(str(path), optimize=False)
     agree, coss, correct = 0, [], 0
     for x, y in zip(xs, ys, strict=True):
         feed = {input_name: x[None]}
@@ -80,12 +81,20 @@ def placement(path: Path) -> dict:
     index = GraphIndex.of(model)
     ops = [n.op_type for n in model.graph.node]
     weighted = [n for n in model.graph.node if n.op_type in WEIGHTED]
-    int8 = [int8_anchor(n, index) for n in weighted]
+    int4_codes = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4}
+    kind = ["int8" if int8_anchor(n, index) else "int4_weight" if _int4_weight(n, index, int4_codes) else "fp16/fp32"
+            for n in weighted]
     return {
         "quantize": ops.count("QuantizeLinear"), "dequantize": ops.count("DequantizeLinear"),
-        "weighted": len(weighted), "int8": sum(int8), "high_precision": len(weighted) - sum(int8),
-        "order": [(n.op_type, n.name, q) for n, q in zip(weighted, int8, strict=True)],
+        "weighted": len(weighted), "int8": kind.count("int8"), "int4_weight": kind.count("int4_weight"),
+        "high_precision": kind.count("fp16/fp32"),
+        "order": [(n.op_type, n.name, k) for n, k in zip(weighted, kind, strict=True)],
     }
+
+
+def _int4_weight(node: onnx.NodeProto, index: GraphIndex, int4_codes: set[str]) -> bool:
+    p = index.producer.get(node.input[1]) if len(node.input) > 1 else None
+    return p is not None and p.op_type == "DequantizeLinear" and p.input[0] in int4_codes
 
 
 def differences(ours: dict, theirs: dict) -> list[str]:
@@ -93,7 +102,7 @@ def differences(ours: dict, theirs: dict) -> list[str]:
     if len(ours["order"]) != len(theirs["order"]):
         return [f"graphs differ: {len(ours['order'])} vs {len(theirs['order'])} weighted layers"]
     return [
-        f"{name} ({op}): ours {'int8' if q1 else 'fp16/fp32'}, Model Optimizer {'int8' if q2 else 'fp16/fp32'}"
+        f"{name} ({op}): ours {q1}, Model Optimizer {q2}"
         for (op, name, q1), (_, _, q2) in zip(ours["order"], theirs["order"], strict=True) if q1 != q2
     ]
 
@@ -123,7 +132,7 @@ def bench_model(zoo, work: Path, site: str | None) -> dict:
 
 def show(row: dict) -> None:
     print(f"\n== {row['model']}  (held-out samples: {HELD}, calibration samples: {CALIB})")
-    cols = ("top1_agreement", "cosine", "accuracy", "quantize", "dequantize", "int8", "high_precision")
+    cols = ("top1_agreement", "cosine", "accuracy", "quantize", "dequantize", "int8", "int4_weight", "high_precision")
     print(f"{'':12}" + "".join(f"{c:>16}" for c in cols))
     for who in ("ours", "modelopt"):
         r = row[who]
