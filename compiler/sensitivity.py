@@ -24,6 +24,7 @@ import onnx
 
 from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities
 from dscompile.compiler.emulate import Emulator, build_emulator
+from dscompile.compiler.onnx_io import new_session
 from dscompile.compiler.verify import looks_like_scores
 
 log = logging.getLogger("dscompile")
@@ -86,14 +87,13 @@ class _Runner:
     """Runs the emulator on all samples at once when it can, one by one otherwise."""
 
     def __init__(self, emu: Emulator, feeds: Sequence[Feed], threads: int | None) -> None:
-        import onnxruntime as ort
 
         from dscompile.compiler.runtime import session_options
 
         self.emu, self.feeds = emu, list(feeds)
         so = session_options(threads)
         so.log_severity_level = 4  # the batch probe may fail on purpose: keep onnxruntime quiet
-        self.session = ort.InferenceSession(emu.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.session = new_session(emu.model, so)
         self.names = {i.name for i in self.session.get_inputs()}
         self.base = emu.base_feed()
         self.batch = self._stack()

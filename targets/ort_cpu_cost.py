@@ -32,6 +32,7 @@ from dscompile.compiler.capabilities import (
     Layer,
 )
 from dscompile.compiler.graph import graph_inputs
+from dscompile.compiler.onnx_io import new_session
 from dscompile.compiler.samples import synthetic_feeds
 
 log = logging.getLogger("dscompile")
@@ -142,7 +143,6 @@ class OrtCpuCost:
 
 def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[str, float]:
     """Mean kernel time (ms) per optimised node name over PROFILE_RUNS runs."""
-    import onnxruntime as ort
 
     from dscompile.compiler.runtime import session_options
 
@@ -152,7 +152,7 @@ def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[st
         so.enable_profiling = True
         so.log_severity_level = 4  # a precision that fails to run is logged by us, not printed by onnxruntime
         so.profile_file_prefix = os.path.join(tmp, "profile")
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = new_session(model, so)
         names = {i.name for i in sess.get_inputs()}
         f = {k: v for k, v in feed.items() if k in names}
         for _ in range(runs):
