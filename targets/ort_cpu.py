@@ -97,7 +97,7 @@ class OrtCpuTarget:
             ranges = {t: Range(-1.0, 1.0) for lay in layers for t in (*lay.inputs, *lay.outputs)}
             return lower_qdq(g.model, layers, assign, ranges)
 
-        cost = OrtCpuCost(g.model, layers, menus, lower, device or THIS_CPU, profile, threads)
+        cost = OrtCpuCost(g.model, layers, menus, lower, device or THIS_CPU, profile, threads, g.inputs)
         from dscompile.compiler.capabilities import DEFAULT_NUMERICS, Numerics
 
         numerics = dict(DEFAULT_NUMERICS)

@@ -32,6 +32,7 @@ from dscompile.compiler.capabilities import (
     Layer,
 )
 from dscompile.compiler.graph import graph_inputs
+from dscompile.compiler.onnx_io import new_session
 from dscompile.compiler.samples import synthetic_feeds
 
 log = logging.getLogger("dscompile")
@@ -60,9 +61,10 @@ class OrtCpuCost:
     """Cost of a layer at a precision: bytes always; latency measured here or estimated from a profile."""
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], menus: dict[str, tuple[str, ...]],
-                 lower, device: str, profile=None, threads: int | None = None) -> None:
+                 lower, device: str, profile=None, threads: int | None = None, inputs=None) -> None:
         self.model, self.layers, self.menus, self.lower = model, layers, menus, lower
         self.device, self.profile, self.threads = device, profile, threads
+        self.inputs = inputs or graph_inputs(model)  # the user's shapes where the model's are dynamic
         self.sizes = {t.name: int(np.prod(t.dims)) if t.dims else 1 for t in model.graph.initializer}
         self.dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
         self.nodes = {n.name: n for n in model.graph.node}
@@ -113,7 +115,7 @@ class OrtCpuCost:
 
     def _profile_all(self) -> dict[str, dict[str, float]]:
         precisions = sorted({p for ps in self.menus.values() for p in ps} - {FP16})
-        feed = synthetic_feeds(graph_inputs(self.model), 1, 0, self.model)[0]
+        feed = synthetic_feeds(self.inputs, 1, 0, self.model)[0]
         owners = self._owners()
         out: dict[str, dict[str, float]] = {}
         for p in precisions:
@@ -124,7 +126,8 @@ class OrtCpuCost:
                 if p == FP32:
                     self._overhead = max(0.0, sum(times.values()) - sum(out[p].values()))
             except Exception as exc:  # a precision that fails to build here is simply not measured
-                log.debug("cost: profiling %s failed: %s", p, exc)
+                log.warning("cost: could not profile %s on this machine (%s); its latency counts as fp32's",
+                            p, " ".join(str(exc).split())[:160])
         return out
 
     def _owners(self) -> dict[str, str]:
@@ -140,7 +143,6 @@ class OrtCpuCost:
 
 def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[str, float]:
     """Mean kernel time (ms) per optimised node name over PROFILE_RUNS runs."""
-    import onnxruntime as ort
 
     from dscompile.compiler.runtime import session_options
 
@@ -148,8 +150,9 @@ def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[st
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads)
         so.enable_profiling = True
+        so.log_severity_level = 4  # a precision that fails to run is logged by us, not printed by onnxruntime
         so.profile_file_prefix = os.path.join(tmp, "profile")
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = new_session(model, so)
         names = {i.name for i in sess.get_inputs()}
         f = {k: v for k, v in feed.items() if k in names}
         for _ in range(runs):

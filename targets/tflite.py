@@ -116,6 +116,13 @@ class SnapdragonTarget:
 
         return lower(self, graph, plan, table, stage, options)
 
+    def default_plan(self, graph: ModelGraph, table: CalibrationTable, device: str = DEFAULT_DEVICE) -> QuantPlan:
+        """Int8 wherever the menu allows and the table has ranges: a plan without DMPQ."""
+        from dscompile.targets.tflite_lower import default_plan, prepared
+
+        g = prepared(graph)
+        return default_plan(g, self.capabilities(g, device), table)
+
     def runner(self, artifact: Artifact, threads: int | None = None) -> LiteRTRunner:
         return LiteRTRunner(artifact.primary_path, None, threads)
 

@@ -69,7 +69,11 @@ def float_build(g: ModelGraph, seed: int = 0) -> FloatBuild:
 
 
 def default_plan(g: ModelGraph, caps: TargetCapabilities, table: CalibrationTable) -> QuantPlan:
-    """No plan but a calibration table: int8 for every layer the menu allows and the table ranges."""
+    """Int8 for every layer the menu allows and the table has ranges for (the rest fp32).
+
+    The plan a build without DMPQ would use; ``lower`` itself builds fp32 when
+    given no plan (the pipeline's ``--fp32``), so this is asked for explicitly.
+    """
     outs = {o.name for o in g.model.graph.output}
     consts = {t.name for t in g.model.graph.initializer}
     act = {"method": caps.activations.method, "symmetric": caps.activations.symmetric}
@@ -119,10 +123,7 @@ def lower(target: Any, graph: ModelGraph, plan: QuantPlan | None, table: Calibra
     g = prepared(graph)
     fb = float_build(g, options.seed)
     caps = target.capabilities(g, device)
-    defaulted = plan is None and table is not None
-    if defaulted:
-        plan = default_plan(g, caps, table)
-    model, assignment = fb.float.model, None
+    model, assignment = fb.float.model, None  # no plan: fp32 (a table alone only verifies, as with --fp32)
     if plan is not None:
         model, assignment = quantize_plan(g, fb, plan, table, caps)
     model = attach_metadata(model, IO_METADATA, json.dumps(fb.tmap.io.to_json()).encode())
@@ -132,8 +133,6 @@ def lower(target: Any, graph: ModelGraph, plan: QuantPlan | None, table: Calibra
         "tflite": _tflite_notes(fb, built, assignment),
         "hexagon": compat_report(built, snapdragon_profile(device), fb.tmap.tflite_to_onnx),
     }
-    if defaulted and plan is not None:
-        notes["precision"] = plan.precision_counts()
     if request is not None:
         notes["remote"] = time_remote(request, stage / MODEL_FILE)
     files = describe_files(stage, {MODEL_FILE: "model"})

@@ -149,3 +149,19 @@ def test_non_numeric_outputs_are_refused(cli, tmp_path):
     r = cli("--target", "ort-cpu", tmp_path / "m.onnx", "--calib", tmp_path / "d.npy", "-o", out, "-q")
     _one_error(r, "is int64, not a number")
     assert not out.exists()
+
+
+def test_variable_length_inputs_plan_and_verify(cli, gru, tmp_path):
+    data = tmp_path / "varlen"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        np.savez(data / f"{i:03d}.npz", ids=rng.integers(0, 12, (1, int(rng.integers(6, 17)))).astype(np.int64))
+    out = tmp_path / "gru_var.onnx"
+    r = cli("--target", "ort-cpu", gru.torchscript, "--input-shape", "ids:1x16:int64", "--dynamic", "ids:1",
+            "--calib", data, "-o", out, "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["inputs"][0]["shape"][1] == "ids_dim1"
+    assert report["plan"]["predicted"]["sensitivity"]["batched"] is False  # lengths differ: one sample per run
+    assert report["fidelity"]["top1_agreement"] >= 0.99 and report["rounds"][-1]["met"]

@@ -40,11 +40,18 @@ def test_conv_bn_relu_and_matmul_bias_fuse_into_one_layer_each():
              numpy_helper.from_array(np.ones(4, np.float32), "v"), _init("fw", 64, 10), _init("fb", 10)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
-    graph = _graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), {"conv": "features.0"})
+    original = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    graph = _graph(original, {"conv": "features.0"})
     layers = find_layers(graph)
-    assert [(lay.op, lay.nodes) for lay in layers] == [("Conv", ("conv", "bn", "relu")), ("MatMul", ("fc", "fc_bias"))]
+    # BatchNormalization is folded into the conv (it would block the integer kernel)
+    assert [(lay.op, lay.nodes) for lay in layers] == [("Conv", ("conv", "relu")), ("MatMul", ("fc", "fc_bias"))]
     conv, fc = layers
-    assert conv.inputs == ("x",) and conv.outputs == ("r",) and conv.weights[0] == "w" and conv.module == "features.0"
+    assert conv.inputs == ("x",) and conv.outputs == ("r",) and conv.weights[0] == "conv_W_bnfold" and conv.module == "features.0"
+    import onnxruntime as ort
+
+    x = {"x": RNG.standard_normal((1, 1, 4, 4)).astype(np.float32)}
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0] for m in (original, graph.model)]
+    np.testing.assert_allclose(run[0], run[1], rtol=1e-5, atol=1e-5)
     assert fc.outputs == ("y",) and fc.params == 640 and fc.macs == 640
 
 

@@ -138,12 +138,15 @@ def test_digits_precisions(target, digits_case, tmp_path, precision, conv, fc, m
 
 
 def test_digits_default_int8_from_table(target, digits_case, tmp_path):
-    """No plan but a calibration table: int8 wherever the menu allows."""
-    art, runner = build(target, digits_case, None, digits_case.table, tmp_path)
+    """The plan without DMPQ: int8 wherever the menu allows; no plan at all builds fp32 (--fp32)."""
+    plan = target.default_plan(digits_case.graph, digits_case.table)
+    assert set(plan.precision_counts()) == {INT8}
+    art, runner = build(target, digits_case, plan, digits_case.table, tmp_path)
     acc, _ = digits_case.score(runner)
     assert acc >= digits_case.fp32_acc - 0.02
-    assert set(art.notes["precision"]) == {INT8}
     assert precisions_of(art, "CONV_2D") == {INT8} and art.notes["hexagon"]["fully_on_npu"]
+    art, _ = build(target, digits_case, None, digits_case.table, tmp_path, "fp32")
+    assert precisions_of(art, "CONV_2D") == {FP32}
 
 
 def test_digits_mixed_and_int4(target, digits_case, tmp_path):
@@ -217,7 +220,9 @@ def test_transformer_mixed(target, transformer_case, tmp_path):
 
 def test_gru_converts_and_stays_fp32(target, gru, tmp_path):
     case = Case(gru)
-    art, runner = build(target, case, None, case.table, tmp_path)
+    plan = target.default_plan(case.graph, case.table)
+    assert {lp.op: lp.precision for lp in plan.layers}["GRU"] == FP32
+    art, runner = build(target, case, plan, case.table, tmp_path)
     acc, agree = case.score(runner)
     assert agree >= 0.99 and acc >= case.fp32_acc - 0.01
     assert "WHILE" in {f["op"] for f in art.notes["hexagon"]["fallbacks"]}
