@@ -177,9 +177,14 @@ def child(tool: str, model_path: Path, data: Path, count: int) -> dict:
 def _ort_calibrate(tool: str, model_path: Path, source) -> None:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 
+    def rows():  # one sample per feed, as onnxruntime's examples feed it (its calibrators stack outputs
+        for feed in source:  # per run, so runs of different batch sizes fail in them)
+            for i in range(next(iter(feed.values())).shape[0]):
+                yield {k: v[i:i + 1] for k, v in feed.items()}
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter(source)
+            self.it = rows()
 
         def get_next(self):
             return next(self.it, None)
