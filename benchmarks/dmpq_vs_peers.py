@@ -63,6 +63,12 @@ def _p50(sess, feed: Feed, runs: int = 30) -> float:
     return float(np.median(times) * 1e3)
 
 
+def latency_ratio(candidate, reference, feed: Feed, rounds: int = 5, runs: int = 10) -> float:
+    """Candidate / reference p50, measured in alternating rounds so a busy machine's drift cancels."""
+    ratios = [_p50(candidate, feed, runs) / _p50(reference, feed, runs) for _ in range(rounds)]
+    return float(np.median(ratios))
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
@@ -162,7 +168,7 @@ def bench(model: BenchModel, n_calib: int, n_hold: int, work: Path, skip_modelop
             sess = _session(out)
             row.update(fidelity(model.kind, ref, _run(sess, hold)))
             row["size_ratio"] = round(_size(out) / base, 4)
-            row["latency_ratio"] = round(_p50(sess, hold[0]) / t_fp32, 3)
+            row["latency_ratio"] = round(latency_ratio(sess, fp32, hold[0]), 3)
         except Exception as exc:  # a peer that fails on a model is a result, not a crash
             row["failed"] = " ".join(str(exc).split())[:160] or type(exc).__name__
             row["tool_s"] = round(time.perf_counter() - start, 1)

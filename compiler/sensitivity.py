@@ -3,8 +3,8 @@
 Divergence from the FP32 output, averaged over the sensitivity samples:
 - ``kl``: KL(softmax(fp32) || softmax(lowered)) per row, for score-like outputs
   (float [N, C] with C > 1: logits, class scores);
-- ``nmse``: ||fp32 - lowered||^2 / ||fp32||^2 per sample, for everything else
-  (embeddings, feature maps, boxes).
+- ``nmse``: ||fp32 - lowered||^2 / ||fp32||^2 per sample (per axis-1 slice for
+  outputs of rank >= 3, averaged), for everything else (embeddings, maps, boxes).
 A model with outputs of both kinds sums them and reports ``kl+nmse``.
 
 Speed: one emulation session for all cases (``emulate.py``), samples stacked
@@ -58,9 +58,21 @@ def kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
 
 
 def nmse(ref: np.ndarray, got: np.ndarray) -> float:
-    r, g = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-    denom = float(r @ r)
-    return float(((r - g) @ (r - g)) / denom) if denom > 0 else float((r - g) @ (r - g))
+    """Normalised squared error; for outputs of rank >= 3, the mean over axis-1 slices.
+
+    Per slice because one output often packs quantities of very different scales
+    (a detector's box coordinates in pixels beside its class scores in [0, 1]):
+    a whole-tensor error would be all boxes and never see the scores collapse.
+    """
+    r, g = ref.astype(np.float64), got.astype(np.float64).reshape(ref.shape)
+    if r.ndim >= 3 and r.shape[1] > 1:
+        r = np.moveaxis(r, 1, 0).reshape(r.shape[1], -1)
+        g = np.moveaxis(g, 1, 0).reshape(g.shape[1], -1)
+    else:
+        r, g = r.reshape(1, -1), g.reshape(1, -1)
+    err = ((r - g) ** 2).sum(1)
+    power = (r**2).sum(1)
+    return float(np.mean(np.where(power > 0, err / np.maximum(power, 1e-300), err)))
 
 
 def output_metric(ref: np.ndarray) -> str:

@@ -153,10 +153,17 @@ def plan(
 ) -> PlanResult:
     """Calibrate on ``calib`` data, plan mixed precision (DMPQ + repair on held-out samples), save plan.json."""
     from dscompile.pipeline import calibrate_stage
-    from dscompile.planning import PlanSettings, check_numeric_outputs, plan_for, write_plan_plots
+    from dscompile.planning import (
+        PlanSettings,
+        check_numeric_outputs,
+        check_plots_writable,
+        plan_for,
+        write_plan_plots,
+    )
     from dscompile.targets.base import get_target
 
     out = check_writable(output, force)
+    check_plots_writable(plots, force)
     settings = replace(settings or PlanSettings(), threads=threads, seed=seed)
     opts = CompileOptions(target=target, device=device, force=force, ingest=ingest_options or IngestOptions(),
                           verify_samples=verify_samples, threads=threads, seed=seed, calib=Path(calib),

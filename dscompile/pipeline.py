@@ -36,6 +36,7 @@ from dscompile.planning import (
     PlanSettings,
     calibration_tensors,
     check_numeric_outputs,
+    check_plots_writable,
     load_plan,
     plan_for,
     write_plan_plots,
@@ -111,6 +112,7 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     if target.output_kind == "file":
         check_writable(rpath, options.force)
 
+    check_plots_writable(options.plots, options.force)
     ingested = ingest(model, options.ingest)
     graph = ingested.graph
     device = options.device or target.default_device()

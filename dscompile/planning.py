@@ -142,6 +142,24 @@ def calibration_tensors(graph: ModelGraph) -> list[str]:
     return list(dict.fromkeys([*quantizable_tensors(graph.model), *mine]))
 
 
+PLOT_FILES = ("sensitivity.png", "allocation.png")
+
+
+def check_plots_writable(folder: str | Path | None, force: bool) -> None:
+    """Refuse existing plots (without --force) before any work is done."""
+    if folder is None:
+        return
+    from dscompile.errors import OutputError
+    from dscompile.fileio import check_writable
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--plots {folder}: exists and is not a folder")
+    if folder.is_dir():
+        for name in PLOT_FILES:
+            check_writable(folder / name, force)
+
+
 def write_plan_plots(plan: QuantPlan, folder: str | Path, force: bool = False) -> list[Path]:
     """``sensitivity.png`` and ``allocation.png`` in ``folder`` (created if missing)."""
     from dscompile.compiler.plan_plots import allocation_png, sensitivity_png

@@ -5,8 +5,9 @@ layer that can take it lowered to it runs under onnxruntime's profiler, and
 each kernel's time is attributed to the layer that owns the node (fused nodes
 keep their anchor's name; Q/DQ nodes are named after the tensor they quantise
 and charged to the layer reading it). For another CPU (``--device``) latency is
-*estimated* from its profile: max(MACs / peak ops at the precision, weight
-bytes / memory bandwidth).
+*estimated* from its profile: max(2 x MACs / peak ops at the precision, weight
+bytes / memory bandwidth), from the figures peak_fp32_tflops, peak_int8_tops and
+mem_bandwidth_gbps of profiles/devices/<device>.toml.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from dscompile.compiler.samples import synthetic_feeds
 log = logging.getLogger("dscompile")
 PROFILE_RUNS = 30
 # Figures an estimate reads from a CPU's device profile (profiles/devices/*.toml).
-PEAK_FIGURE = {FP32: "fp32_gflops", FP16: "fp32_gflops", INT8: "int8_gops", INT8_DYNAMIC: "int8_gops",
-               INT4_WEIGHT: "fp32_gflops"}
-BANDWIDTH_FIGURE = "memory_bandwidth_gbs"
+# (figure, multiplier to ops/s or bytes/s); weight-only and fp16-stored layers compute in fp32 on a CPU.
+PEAK_FIGURE = {FP32: ("peak_fp32_tflops", 1e12), FP16: ("peak_fp32_tflops", 1e12), INT8: ("peak_int8_tops", 1e12),
+               INT8_DYNAMIC: ("peak_int8_tops", 1e12), INT4_WEIGHT: ("peak_fp32_tflops", 1e12)}
+BANDWIDTH_FIGURE = ("mem_bandwidth_gbps", 1e9)
 
 
 def weight_bytes(layer: Layer, precision: str, sizes: dict[str, int], channels: int, block: int = 32) -> int:
@@ -90,16 +92,18 @@ class OrtCpuCost:
 
     def source_text(self) -> str:
         if self.profile is not None:
-            return f"roofline from {Path(self.profile.file).name} ({self.profile.name})"
+            return (f"roofline from {Path(self.profile.file).name} ({self.profile.name}: theoretical peaks "
+                    f"{', '.join(sorted({k for k, _ in PEAK_FIGURE.values()}))}, {BANDWIDTH_FIGURE[0]})")
         from dscompile.compiler.runtime import ort_version
         from dscompile.profiles.host import host_label
 
         return f"onnxruntime {ort_version()} profiler on {host_label()}"
 
     def _estimate(self, layer: Layer, precision: str, nbytes: int) -> float:
-        peak = self.profile.value(PEAK_FIGURE.get(precision, "fp32_gflops")) * 1e9
-        bw = self.profile.value(BANDWIDTH_FIGURE) * 1e9
-        return round(max(2.0 * layer.macs / peak, nbytes / bw) * 1e3, 6)
+        key, unit = PEAK_FIGURE.get(precision, PEAK_FIGURE[FP32])
+        peak = self.profile.value(key) * unit
+        bw = self.profile.value(BANDWIDTH_FIGURE[0]) * BANDWIDTH_FIGURE[1]
+        return float(f"{max(2.0 * layer.macs / peak, nbytes / bw) * 1e3:.6g}")
 
     def overhead_ms(self) -> float:
         """Measured time of the nodes no layer owns (fp32 everywhere); 0 for estimates."""

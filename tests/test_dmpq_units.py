@@ -99,3 +99,23 @@ def test_old_opset_model_plans_and_builds(tmp_path, monkeypatch):
     out = TARGET.runner(artifact).run(feeds[0])[0]
     ref = ort.InferenceSession(graph.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
     assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_another_cpu_gets_a_roofline_estimate_from_its_profile(tmp_path):
+    from dscompile.profiles.devices import parse_profile
+    from dscompile.targets.ort_cpu_cost import OrtCpuCost
+
+    (tmp_path / "cpu.toml").write_text(
+        '[device]\nname = "Test CPU"\ntarget = "ort-cpu"\nclass = "cpu"\n'
+        '[figures.peak_fp32_tflops]\nvalue = 0.1\nunit = "TFLOPS"\nsource = "test figure"\n'
+        '[figures.peak_int8_tops]\nvalue = 0.4\nunit = "TOPS"\nsource = "test figure"\n'
+        '[figures.mem_bandwidth_gbps]\nvalue = 10\nunit = "GB/s"\nsource = "test figure"\n'
+    )
+    graph = _graph(_cnn())
+    cost = OrtCpuCost(graph.model, find_layers(graph), {}, None, "cpu", parse_profile(tmp_path / "cpu.toml"))
+    conv = find_layers(graph)[0]  # 8x3x3x3 weights, 8*36*27 MACs
+    fp32, int8 = cost.cost(conv, "fp32"), cost.cost(conv, "int8")
+    assert fp32.kind == "estimated" and "cpu.toml" in fp32.source
+    assert fp32.latency_ms == pytest.approx(2 * conv.macs / 0.1e12 * 1e3, rel=1e-3)  # compute-bound
+    assert int8.latency_ms == pytest.approx(fp32.latency_ms / 4, rel=1e-2)
+    assert fp32.bytes == 216 * 4 + 8 * 4 and int8.bytes == 216 + 8 * 4 + 8 * 4  # weights (+ scales) + fp32 bias
