@@ -34,18 +34,42 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return m
 
 
-class Capturer:
-    """One onnxruntime session over a model that exposes extra tensors; ``run`` stacks them over feeds."""
+def prefix(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Only the nodes the named tensors depend on, with those tensors as the outputs: onnxruntime
+    runs every node of a session whatever is fetched, so capturing early layers gets cheaper."""
+    need, keep = set(names), []
+    for node in reversed(model.graph.node):
+        if need.intersection(node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.node[:]
+    m.graph.node.extend(reversed(keep))
+    used = {i for n in keep for i in n.input}
+    inits = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    del m.graph.output[:]
+    return m
 
-    def __init__(self, model: onnx.ModelProto, names: Sequence[str], threads: int | None = None) -> None:
+
+class Capturer:
+    """One onnxruntime session over a model that exposes extra tensors; ``run`` stacks them over feeds.
+
+    ``truncate`` drops every node the named tensors do not depend on (the model's outputs included)."""
+
+    def __init__(self, model: onnx.ModelProto, names: Sequence[str], threads: int | None = None,
+                 truncate: bool = False) -> None:
         self.names = list(dict.fromkeys(names))
-        self.session = ort_session(with_outputs(model, self.names), threads, optimize=False)
+        self.session = ort_session(with_outputs(prefix(model, self.names) if truncate else model, self.names),
+                                   threads, optimize=False)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Sequence[Feed], names: Sequence[str]) -> dict[str, np.ndarray]:
         got: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        names_in = {i.name for i in self.session.get_inputs()}
         for feed in feeds:
-            names_in = {i.name for i in self.session.get_inputs()}
             res = self.session.run(list(names), {k: v for k, v in feed.items() if k in names_in})
             for n, r in zip(names, res, strict=True):
                 got[n].append(np.asarray(r, np.float32))

@@ -59,7 +59,6 @@ def reconstruct(
     ``cache`` maps (layer, precision, grids, mode) to an earlier result for the same layer, reused as is.
     """
     cache = {} if cache is None else cache
-    fp32 = Capturer(model, [n for pl in layers for n in (pl.spec.x, pl.spec.pre)], opts.threads)
     start = time.perf_counter()
     for i, pl in enumerate(layers):
         key = (pl.plan.name, pl.plan.precision, pl.grid, pl.act, opts.reconstruct, opts.bias_correction,
@@ -71,6 +70,7 @@ def reconstruct(
         if time_budget:
             left = time_budget - (time.perf_counter() - start)
             share = max(left / (len(layers) - i), 0.05)
+        fp32 = Capturer(model, [pl.spec.x, pl.spec.pre], opts.threads, truncate=True)
         _one_layer(model, layers, pl, fp32, train, holdout, opts, consts, share,
                    (lambda s, n, loss, _i=i, _pl=pl: progress(_pl.plan.name, _i, len(layers), s, n, loss)) if progress else None)
         cache[key] = (pl.q, pl.q_scales, pl.q_zps, pl.b_now, pl.act_now, pl.notes)
@@ -80,7 +80,7 @@ def _one_layer(model, layers, pl: PlannedLayer, fp32: Capturer, train, holdout, 
                share: float | None, progress) -> None:
     t0 = time.perf_counter()
     student = Capturer(student_model(with_biases(model, layers), current_weights(layers), current_entries(layers)),
-                       [pl.spec.x], opts.threads)
+                       [pl.spec.x], opts.threads, truncate=True)
     per_sample = _bytes_per_sample(fp32, pl, train[:1])
     n_train = samples_within(per_sample, opts.memory_mb * 0.75, len(train))
     n_hold = samples_within(per_sample, opts.memory_mb * 0.25, len(holdout))
