@@ -37,9 +37,10 @@ from dscompile.compiler.samples import synthetic_feeds
 log = logging.getLogger("dscompile")
 PROFILE_RUNS = 30
 # Figures an estimate reads from a CPU's device profile (profiles/devices/*.toml).
-PEAK_FIGURE = {FP32: "fp32_gflops", FP16: "fp32_gflops", INT8: "int8_gops", INT8_DYNAMIC: "int8_gops",
-               INT4_WEIGHT: "fp32_gflops"}
-BANDWIDTH_FIGURE = "memory_bandwidth_gbs"
+# Names and units as profiles/devices/*.toml give them (peaks in T(FL)OPS, bandwidth in GB/s).
+PEAK_FIGURE = {FP32: "peak_fp32_tflops", FP16: "peak_fp16_tflops", INT8: "peak_int8_tops",
+               INT8_DYNAMIC: "peak_int8_tops", INT4_WEIGHT: "peak_fp32_tflops"}
+BANDWIDTH_FIGURE = "mem_bandwidth_gbps"
 
 
 def weight_bytes(layer: Layer, precision: str, sizes: dict[str, int], channels: int, block: int = 32) -> int:
@@ -95,7 +96,7 @@ class OrtCpuCost:
         return f"onnxruntime {ort_version()} profiler on {host_label()}"
 
     def _estimate(self, layer: Layer, precision: str, nbytes: int) -> float:
-        peak = self.profile.value(PEAK_FIGURE.get(precision, "fp32_gflops")) * 1e9
+        peak = self.profile.value(PEAK_FIGURE.get(precision, "peak_fp32_tflops")) * 1e12
         bw = self.profile.value(BANDWIDTH_FIGURE) * 1e9
         return round(max(2.0 * layer.macs / peak, nbytes / bw) * 1e3, 6)
 
