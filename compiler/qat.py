@@ -35,6 +35,7 @@ from dscompile.compiler.distill_quant import (
 from dscompile.compiler.distill_state import PlannedLayer
 from dscompile.compiler.distill_torchgraph import TorchGraph
 from dscompile.compiler.graph import ModelGraph
+from dscompile.compiler.ingest import flatten_outputs
 from dscompile.compiler.verify import looks_like_scores
 from dscompile.errors import InputError
 
@@ -191,7 +192,7 @@ def _teacher_outputs(teacher: Any, graph: ModelGraph, feeds: Sequence[Feed]) -> 
             got = call(*[torch.from_numpy(feed[s.name]) for s in graph.inputs])
         except Exception as exc:
             raise InputError(f"the torch teacher failed on a calibration sample: {str(exc).splitlines()[0][:200]}") from None
-        out.append([t.detach().float() for t in _flatten(got)])
+        out.append([t.detach().float() for t in flatten_outputs(got)])
     return out
 
 
@@ -219,11 +220,3 @@ def _sample_loss(student: TorchGraph, fq, feed: Feed, target: list[torch.Tensor]
             ref = feats[name]
             loss = loss + options.feature_loss * (value - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-12)
     return loss
-
-
-def _flatten(out: Any) -> list:
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _flatten(o)]
-    return [out]
