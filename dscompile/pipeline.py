@@ -41,6 +41,7 @@ from dscompile.planning import (
     plan_for,
     write_plan_plots,
 )
+from dscompile.profiles.devices import THIS_CPU, get_device
 from dscompile.profiles.runners import OrtRunner, time_runner
 from dscompile.targets.base import Artifact, BuildOptions, get_target
 
@@ -100,11 +101,20 @@ def report_path_for(output: Path, kind: str) -> Path:
     return output / "report.json" if kind == "dir" else output.with_suffix(".report.json")
 
 
+def check_device(target: str, device: str | None) -> None:
+    """An unknown --device, or one profiled for another target, fails before any work (not only when planning)."""
+    if device and device != THIS_CPU:
+        profile = get_device(device)
+        if profile.target != target:
+            raise InputError(f"device {device!r} is for target {profile.target}, not {target}")
+
+
 def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     target = get_target(options.target)
     ok, why = target.available()
     if not ok:
         raise MissingBackendError(f"target {target.name}'s runtime", why)
+    check_device(target.name, options.device)
     model = Path(model)
     out = Path(options.output) if options.output else default_output(model, target.name, target.suffix, target.output_kind)
     rpath = report_path_for(out, target.output_kind)

@@ -110,7 +110,7 @@ def test_bad_input(case, bad, digits, calib_npz, tmp_path):
     subs = {"{onnx}": str(digits.onnx), "{calib}": str(calib_npz), "{out}": str(out)}
     if case.startswith(("read-only", "full")):
         mount = tmp_path / "mnt"
-        ctx = tmpfs(mount, read_only=case.startswith("read-only"))
+        ctx = tmpfs(mount, size="16k", read_only=case.startswith("read-only"))
         watched = ctx.__enter__()
         subs["{ro}"] = subs["{full}"] = str(mount)
     try:

@@ -41,12 +41,12 @@ def test_compile_and_plan_are_byte_identical(digits, calib_npz, cli, tmp_path):
     assert plans[0] == plans[1]
 
 
-def test_batch_jobs_1_and_2_give_the_same_artifacts(digits, transformer, cli, tmp_path):
+def test_batch_jobs_1_and_2_give_the_same_artifacts(digits, cli, tmp_path):
     manifest = tmp_path / "manifest.toml"
     manifest.write_text(
         '[batch]\ntargets = ["ort-cpu"]\ndevices = ["raspberry-pi-5"]\nprecisions = ["fp32"]\n\n'
         f'[[model]]\nname = "digits"\npath = "{digits.onnx}"\n\n'
-        f'[[model]]\nname = "transformer"\npath = "{transformer.onnx}"\n'
+        f'[[model]]\nname = "digits_ts"\npath = "{digits.torchscript}"\ninput_shapes = ["{digits.input_shape}"]\n'
     )
     seen = []
     for jobs in ("1", "2"):
