@@ -175,9 +175,10 @@ def calibrate_stage(ingested: Ingested, options: CompileOptions) -> Calibrated:
         return Calibrated(table, (), str(path))
     source = open_data(path, graph.inputs, replace(options.data, seed=options.seed))
     calib_src, held = split_holdout(source, options.verify_samples)
-    log.info(f"calibration: {calib_src.samples} samples from {path}, {held.samples} held out for verification")
     tensors = calibration_tensors(graph) if options.quantize and options.plan is None else None
     table = calibrate(graph.model, calib_src, model_sha256=graph.sha256, data_sha256=calib_src.sha256, tensors=tensors)
+    # Said after the data has been read: a bad sample stays the run's only stderr line.
+    log.info(f"calibration: {calib_src.samples} samples from {path}, {held.samples} held out for verification")
     samples = tuple(itertools.islice(batches(calib_src.feeds(), calib_src.specs, 1), options.planning.sensitivity_samples))
     want = _distill_options(options)
     distill_samples = () if want is None else tuple(

@@ -23,7 +23,7 @@ from pathlib import Path
 import onnx
 
 from dscompile.compiler.capabilities import FP32
-from dscompile.compiler.ingest import IngestOptions, detect_format, ingest
+from dscompile.compiler.ingest import IngestOptions, detect_format, ingest, load_onnx
 from dscompile.errors import InputError
 from dscompile.profiles.devices import THIS_CPU, DeviceProfile, get_device
 from dscompile.profiles.estimate import efficiency_for, model_estimate, source_of
@@ -83,7 +83,7 @@ def load_subject(path: Path, options: IngestOptions, workdir: Path) -> Subject:
         return Subject(path.stem, path, "engine", _report_precision(path), _sibling_onnx(path), is_artifact=True)
     fmt = detect_format(path)
     if fmt == "onnx":
-        model = _concrete_inputs(onnx.load(str(path)), _known_shapes(path, options))
+        model = _concrete_inputs(load_onnx(path), _known_shapes(path, options))
         return _onnx_subject(path.name.split(".")[0], path, model)
     graph = ingest(path, options).graph  # torch source: export once, measure the export
     onnx_path = workdir / f"{path.stem}.onnx"
