@@ -226,6 +226,8 @@ def _stacked_source(path: Path, specs: tuple[InputSpec, ...], options: DataOptio
         try:
             arrays = {specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
         except ValueError as exc:
+            if "object" in str(exc).lower() or "pickle" in str(exc).lower():
+                raise InputError(f"{path}: holds pickled Python objects, which are never loaded; save plain arrays") from None
             raise InputError(f"{path}: not a plain numeric .npy ({exc})") from None
         except OSError as exc:
             raise InputError(f"{path}: not a readable .npy ({exc})") from None

@@ -24,8 +24,8 @@ from dscompile.errors import OutputError
 from dscompile.fileio import check_writable, write_text
 from dscompile.pipeline import CompileOptions, CompileResult, compile_model
 
-__all__ = ["CalibrateResult", "CompileOptions", "CompileResult", "DataOptions", "IngestOptions", "calibrate",
-           "compile", "inspect"]
+__all__ = ["CalibrateResult", "PlanResult", "build", "plan", "CompileOptions", "CompileResult", "DataOptions", "IngestOptions", "calibrate",
+           "compile", "inspect", "profile"]
 
 log = logging.getLogger("dscompile")
 
@@ -136,3 +136,94 @@ def _write_trt_cache(table: CalibrationTable, path: str | Path, method: str, for
             return path
         raise OutputError(f"{path}: already exists (use --force to overwrite)")
     return write_text(path, text, force)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Any  # QuantPlan
+    output: Path
+    plots: list[Path]
+
+
+def plan(
+    model: str | Path, calib: str | Path, output: str | Path, target: str = "ort-cpu", device: str | None = None,
+    settings: Any = None, data_options: DataOptions | None = None, ingest_options: IngestOptions | None = None,
+    verify_samples: int = 16, threads: int | None = None, seed: int = 0, plots: str | Path | None = None,
+    force: bool = False,
+) -> PlanResult:
+    """Calibrate on ``calib`` data, plan mixed precision (DMPQ + repair on held-out samples), save plan.json."""
+    from dscompile.pipeline import calibrate_stage
+    from dscompile.planning import (
+        PlanSettings,
+        check_numeric_outputs,
+        check_plots_writable,
+        plan_for,
+        write_plan_plots,
+    )
+    from dscompile.targets.base import get_target
+
+    out = check_writable(output, force)
+    check_plots_writable(plots, force)
+    settings = replace(settings or PlanSettings(), threads=threads, seed=seed)
+    opts = CompileOptions(target=target, device=device, force=force, ingest=ingest_options or IngestOptions(),
+                          verify_samples=verify_samples, threads=threads, seed=seed, calib=Path(calib),
+                          data=data_options or DataOptions(), planning=settings)
+    tgt = get_target(target)
+    ingested = ingest(model, opts.ingest)
+    check_numeric_outputs(ingested.graph)
+    calibrated = calibrate_stage(ingested, opts)
+    if not calibrated.samples:
+        from dscompile.errors import InputError
+
+        raise InputError(f"{calib}: planning needs sample data (a folder, .npy/.npz or generator), not a calib.json")
+    result, _ = plan_for(tgt, ingested.graph, device or tgt.default_device(), calibrated.table, calibrated.samples,
+                         calibrated.holdout, settings)
+    pngs = write_plan_plots(result, plots, force) if plots else []
+    result.save(out, force)
+    return PlanResult(result, out, pngs)
+
+
+def build(model: str | Path, plan_file: str | Path, target: str = "ort-cpu", output: str | Path | None = None,
+          calib: str | Path | None = None, options: CompileOptions | None = None, **overrides: Any) -> CompileResult:
+    """Build ``plan_file`` for ``model`` exactly as written (checked), verify it, write artifact + report."""
+    opts = replace(options or CompileOptions(), plan=Path(plan_file), calib=Path(calib) if calib else None)
+    return compile(model, target=target, output=output, options=opts, **overrides)
+
+
+def profile(
+    paths: list[str | Path],
+    devices: list[str] | None = None,
+    precisions: list[str] | None = None,
+    batches: list[int] | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    options: Any = None,
+) -> Any:
+    """The FPS matrix of models/artifacts on devices; written to ``output`` (a folder) when given.
+
+    ``options`` is a ``dscompile.profiler.ProfileOptions``; the other arguments override its fields.
+    """
+    from dscompile import profiler
+    from dscompile.profiles.devices import THIS_CPU, get_device
+    from dscompile.profiles.matrix import save_matrix
+
+    opts = options or profiler.ProfileOptions()
+    overrides: dict[str, Any] = {}
+    if devices:
+        overrides["devices"] = tuple(devices)
+    if precisions:
+        overrides["precisions"] = tuple(precisions)
+    if batches:
+        overrides["batches"] = tuple(batches)
+    opts = replace(opts, **overrides)
+    for d in opts.devices:
+        if d != THIS_CPU:
+            get_device(d)  # unknown names fail here, listing the known ones, before any work
+    if output is not None:
+        from dscompile.fileio import check_writable
+
+        check_writable(output, force)
+    matrix = profiler.profile_paths([Path(p) for p in paths], opts)
+    if output is not None:
+        save_matrix(matrix, output, force)
+    return matrix

@@ -6,6 +6,7 @@ there, and moved into place only when everything succeeded.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -17,13 +18,29 @@ from dscompile.calibration.collect import calibrate
 from dscompile.calibration.datasets import DataOptions, open_data, split_holdout
 from dscompile.calibration.feeds import batches
 from dscompile.calibration.table import CalibrationTable
+from dscompile.compiler.distill import DistillOptions
 from dscompile.compiler.ingest import Ingested, IngestOptions, ingest
 from dscompile.compiler.plan import QuantPlan
 from dscompile.compiler.report import build_report
 from dscompile.compiler.samples import synthetic_feeds
 from dscompile.compiler.verify import Fidelity, compare
-from dscompile.errors import MissingBackendError, OutputError, VerificationError
+from dscompile.distilling import (
+    BIAS_ONLY_SAMPLES,
+    check_distill_inputs,
+    make_distiller,
+    sample_count,
+)
+from dscompile.errors import InputError, MissingBackendError, OutputError, VerificationError
 from dscompile.fileio import check_writable, make_stage, replace_dir, write_json
+from dscompile.planning import (
+    PlanSettings,
+    calibration_tensors,
+    check_numeric_outputs,
+    check_plots_writable,
+    load_plan,
+    plan_for,
+    write_plan_plots,
+)
 from dscompile.profiles.runners import OrtRunner, time_runner
 from dscompile.targets.base import Artifact, BuildOptions, get_target
 
@@ -44,6 +61,13 @@ class CompileOptions:
     seed: int = 0
     calib: Path | None = None  # sample data to calibrate on, or an existing calib.json
     data: DataOptions = field(default_factory=DataOptions)
+    target_options: BuildOptions = field(default_factory=BuildOptions)  # --remote, --shapes, --dla, --build
+    plan: Path | None = None  # a plan.json to build as it is (no planning)
+    planning: PlanSettings = field(default_factory=PlanSettings)
+    quantize: bool = True  # with --calib: plan and build mixed precision (False: calibrate, build fp32)
+    plots: Path | None = None  # folder for sensitivity/allocation PNGs
+    distill: DistillOptions | None = None  # None: bias correction only (unless bias_correction is False)
+    bias_correction: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -54,6 +78,8 @@ class Calibrated:
     table: CalibrationTable | None = None
     holdout: tuple[dict, ...] = ()
     source: str = ""  # the calib.json used, or a description of the data
+    samples: tuple[dict, ...] = ()  # calibration feeds for sensitivity (never the held-out ones)
+    distill_samples: tuple[dict, ...] = ()  # calibration feeds distillation learns from (and checks on)
 
 
 @dataclass(frozen=True)
@@ -86,23 +112,35 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     if target.output_kind == "file":
         check_writable(rpath, options.force)
 
+    check_plots_writable(options.plots, options.force)
     ingested = ingest(model, options.ingest)
     graph = ingested.graph
     device = options.device or target.default_device()
-    plan: QuantPlan | None = None
+    if options.calib is not None and options.quantize and options.plan is None:
+        check_numeric_outputs(graph)  # before any calibration work
+    if options.distill is not None:
+        check_distill_inputs(ingested, options.distill, options.calib)
     calibrated = calibrate_stage(ingested, options)
     table = calibrated.table
+    distiller = _distiller(target, ingested, calibrated, options, device)
+    plan = plan_stage(target, graph, device, calibrated, options, distiller.repair_hook() if distiller else None)
+    if options.plots and plan is not None:
+        write_plan_plots(plan, options.plots, options.force)
+    distilled: dict[str, Any] = {}
+    if distiller is not None and plan is not None:
+        graph, plan, distilled = distiller.final(plan)
     stage = make_stage(out)
     try:
-        build = BuildOptions(options.seed, options.threads, device, extra=options.extra)
+        build = replace(options.target_options, seed=options.seed, threads=options.threads, device=device, extra=options.extra)
         artifact = target.lower(graph, plan, table, stage, build)
-        fidelity, latency = _verify(ingested, target, artifact, options, calibrated.holdout)
+        fidelity, latency = _verify(ingested, target, artifact, options, calibrated.holdout, plan)
         report = build_report(
             target=target.name, device=device, graph=graph,
             artifacts=[f.to_json() for f in artifact.files],
             artifact_bytes=sum(f.bytes for f in artifact.files),
             plan=plan, fidelity=fidelity, latency=latency, export_check=ingested.export_check,
-            extra={**artifact.notes, **_calibration_report(calibrated)} or None,
+            extra={**artifact.notes, **_calibration_report(calibrated), **_plan_report(plan),
+                   **({"distillation": distilled} if distilled else {})} or None,
         )
         final = _commit(stage, artifact, out, rpath, report, target.output_kind, options.force)
     finally:
@@ -128,8 +166,54 @@ def calibrate_stage(ingested: Ingested, options: CompileOptions) -> Calibrated:
     source = open_data(path, graph.inputs, replace(options.data, seed=options.seed))
     calib_src, held = split_holdout(source, options.verify_samples)
     log.info(f"calibration: {calib_src.samples} samples from {path}, {held.samples} held out for verification")
-    table = calibrate(graph.model, calib_src, model_sha256=graph.sha256, data_sha256=calib_src.sha256)
-    return Calibrated(table, tuple(batches(held.feeds(), held.specs, 1)), source.describe())
+    tensors = calibration_tensors(graph) if options.quantize and options.plan is None else None
+    table = calibrate(graph.model, calib_src, model_sha256=graph.sha256, data_sha256=calib_src.sha256, tensors=tensors)
+    samples = tuple(itertools.islice(batches(calib_src.feeds(), calib_src.specs, 1), options.planning.sensitivity_samples))
+    want = _distill_options(options)
+    distill_samples = () if want is None else tuple(
+        itertools.islice(batches(calib_src.feeds(), calib_src.specs, 1), sample_count(want)))
+    return Calibrated(table, tuple(batches(held.feeds(), held.specs, 1)), source.describe(), samples, distill_samples)
+
+
+def _distill_options(options: CompileOptions) -> DistillOptions | None:
+    """--distill as given; else bias correction alone (on by default for quantised builds)."""
+    if not options.quantize:
+        return None
+    if options.distill is not None:
+        return options.distill
+    return DistillOptions(mode="bias", max_samples=BIAS_ONLY_SAMPLES) if options.bias_correction else None
+
+
+def _distiller(target, ingested: Ingested, calibrated: Calibrated, options: CompileOptions, device: str):
+    want = _distill_options(options)
+    if want is None:
+        return None
+    if not calibrated.distill_samples:
+        if options.distill is not None:
+            raise InputError("--distill learns from sample data: pass --calib DATA (a folder or .npz of inputs), "
+                             "not only a calib.json")
+        return None
+    return make_distiller(target, ingested, calibrated.table, calibrated.distill_samples, want, device,
+                          options.threads, options.seed)
+
+
+def plan_stage(target, graph, device: str, calibrated: Calibrated, options: CompileOptions,
+               prepare=None) -> QuantPlan | None:
+    """The plan file as given (checked), or a DMPQ plan repaired on the held-out samples, or None (fp32)."""
+    if options.plan is not None:
+        return load_plan(options.plan, target, graph, device, calibrated.table, options.force)
+    if calibrated.table is None or not options.quantize:
+        return None
+    if not calibrated.samples:
+        raise InputError("mixed precision needs sample data to measure sensitivity: pass --calib DATA, not only a calib.json "
+                         "(or build a saved plan with --plan)")
+    settings = replace(options.planning, threads=options.threads, seed=options.seed)
+    plan, _ = plan_for(target, graph, device, calibrated.table, calibrated.samples, calibrated.holdout, settings, prepare)
+    return plan
+
+
+def _plan_report(plan: QuantPlan | None) -> dict[str, Any]:
+    return {"plan_json": plan.to_json()} if plan is not None else {}
 
 
 def _calibration_report(c: Calibrated) -> dict[str, Any]:
@@ -143,7 +227,7 @@ def _calibration_report(c: Calibrated) -> dict[str, Any]:
 
 
 def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOptions,
-            holdout: tuple[dict, ...] = ()) -> tuple[Fidelity | None, dict | None]:
+            holdout: tuple[dict, ...] = (), plan: QuantPlan | None = None) -> tuple[Fidelity | None, dict | None]:
     graph = ingested.graph
     runner = target.runner(artifact, options.threads)
     if runner is None:
@@ -152,10 +236,16 @@ def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOpti
     feeds = list(holdout) or synthetic_feeds(graph.inputs, options.verify_samples, options.seed + 1, graph.model)
     reference = OrtRunner(graph.model, options.threads)
     fidelity = compare(reference.run, runner.run, feeds, runner.where())
-    floor = options.min_cosine if options.min_cosine is not None else 0.999
-    if fidelity.cosine < floor:
+    floor = options.min_cosine if options.min_cosine is not None else (0.999 if plan is None else None)
+    if floor is not None and fidelity.cosine < floor:
         raise VerificationError(
             f"the {target.name} artifact disagrees with its FP32 source: cosine {fidelity.cosine:.5f} < {floor}"
+        )
+    goal = options.planning.min_fidelity
+    if plan is not None and goal is not None and not goal.met(fidelity):
+        raise VerificationError(
+            f"the {target.name} artifact misses --min-fidelity {goal.metric}={goal.value}: {goal.measure(fidelity):.5f} "
+            f"on {fidelity.samples} {'held-out' if holdout else 'synthetic'} samples"
         )
     if not options.measure_latency:
         return fidelity, None

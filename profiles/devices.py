@@ -10,8 +10,15 @@
     unit = "TOPS"
     source = "NVIDIA Jetson AGX Orin Series Data Sheet DS-10662-001, table 1"
 
-A figure without a numeric value or a source is an error naming file and key:
-code never hard-codes a device number, so every number must be traceable.
+    [software]                      # versions of the runtime stack (strings)
+    jetpack = "6.2"
+    tensorrt = "10.3"
+
+Every profile must carry ``REQUIRED`` figures, plus those its target needs
+(``TARGET_REQUIRED``): the roofline estimate and the targets' cost models read
+them by these names. A figure without a numeric value or a source, or a missing
+required figure, is an error naming file and key: code never hard-codes a device
+number, so every number must be traceable.
 """
 
 from __future__ import annotations
@@ -27,6 +34,18 @@ from dscompile.errors import InputError
 
 DEVICES_DIR = Path(__file__).parent / "devices"
 THIS_CPU = "this-cpu"
+
+# Figure keys every profile has; "peak" means the accelerator the target uses
+# (GPU on Orin, HTP on Snapdragon, the cores on a CPU), dense.
+REQUIRED = ("peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops", "mem_bandwidth_gbps")
+TARGET_REQUIRED: dict[str, tuple[str, ...]] = {
+    "jetson-orin": (
+        "gpu_int8_tops_dense", "gpu_int8_tops_sparse", "dla_int8_tops_dense", "dla_int8_tops_sparse",
+        "dla_cores", "gpu_fp16_tflops", "gpu_fp32_tflops",
+    ),
+    "snapdragon": ("htp_int8_tops", "htp_fp16_supported", "gpu_fp16_tflops", "cpu_cores"),
+    "ort-cpu": ("cpu_cores",),
+}
 
 
 @dataclass(frozen=True)
@@ -56,10 +75,22 @@ class DeviceProfile:
             return default
         return self.figure(key).value
 
+    @property
+    def software(self) -> dict[str, str]:
+        """Runtime versions from the ``[software]`` table (without its source line)."""
+        sw = self.meta.get("software", {})
+        return {k: str(v) for k, v in sw.items() if k != "source"} if isinstance(sw, dict) else {}
+
+    @property
+    def file_name(self) -> str:
+        """``devices/<id>.toml``: how an estimate names the profile it came from."""
+        return f"{Path(self.file).parent.name}/{Path(self.file).name}"
+
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "target": self.target, "class": self.device_class,
-            "file": self.file, "figures": {k: {"value": f.value, "unit": f.unit, "source": f.source} for k, f in self.figures.items()},
+            "file": self.file, "software": self.software,
+            "figures": {k: {"value": f.value, "unit": f.unit, "source": f.source} for k, f in self.figures.items()},
         }
 
 
@@ -72,7 +103,10 @@ def parse_profile(path: Path) -> DeviceProfile:
     if not isinstance(dev, dict) or "name" not in dev or "target" not in dev:
         raise InputError(f"{path}: needs a [device] table with name and target")
     figures: dict[str, Figure] = {}
-    for key, fig in data.get("figures", {}).items():
+    raw = data.get("figures", {})
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: [figures] must be a table of [figures.KEY] tables")
+    for key, fig in raw.items():
         if not isinstance(fig, dict) or "value" not in fig:
             raise InputError(f"{path}: figure {key!r} has no value")
         if isinstance(fig["value"], bool) or not isinstance(fig["value"], (int, float)):
@@ -80,6 +114,9 @@ def parse_profile(path: Path) -> DeviceProfile:
         if not str(fig.get("source", "")).strip():
             raise InputError(f"{path}: figure {key!r} has no source")
         figures[key] = Figure(float(fig["value"]), str(fig.get("unit", "")), str(fig["source"]))
+    for key in (*REQUIRED, *TARGET_REQUIRED.get(str(dev["target"]), ())):
+        if key not in figures:
+            raise InputError(f"{path}: figure {key!r} is missing (every {dev['target']} profile needs it)")
     meta = {k: v for k, v in data.items() if k not in ("device", "figures")}
     return DeviceProfile(
         path.stem, dev["name"], dev["target"], dev.get("class", ""), figures, str(path), meta

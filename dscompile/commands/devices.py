@@ -10,15 +10,28 @@ from dscompile.targets.base import get_target, target_names
 
 
 @click.command("devices")
+@click.argument("device", required=False)
+@click.option("--sources", "show_sources", is_flag=True, help="Show every figure with its source.")
 @common_options
-def command(as_json: bool) -> None:
-    """List targets (and whether their runtime is installed here) and device profiles.
+def command(device: str | None, show_sources: bool, as_json: bool) -> None:
+    """List targets (and whether their runtime is installed here) and device profiles;
+    with DEVICE or --sources, every figure of the profiles with where it comes from.
 
     \b
-    Example:
-      dscompile devices --json
+    Examples:
+      dscompile devices
+      dscompile devices jetson-agx-orin-64gb
+      dscompile devices --sources --json
     """
-    from dscompile.profiles.devices import load_all
+    from dscompile.profiles.devices import get_device, load_all
+
+    if device is not None:
+        prof = get_device(device)
+        if as_json:
+            emit_json(prof.summary())
+        else:
+            _show_figures([prof.summary()])
+        return
 
     targets = []
     for name in target_names():
@@ -44,3 +57,19 @@ def command(as_json: bool) -> None:
     for d in devices:
         dt.add_row(d["id"], d["name"], d["target"], d["file"])
     console.out.print(dt)
+    if show_sources:
+        _show_figures(devices)
+
+
+def _show_figures(devices: list[dict]) -> None:
+    from rich.table import Table
+
+    for d in devices:
+        table = Table(title=f"{d['id']}: {d['name']} ({d['file']})", show_lines=False)
+        for col in ("figure", "value", "unit", "source"):
+            table.add_column(col, overflow="fold")
+        for key, fig in d["figures"].items():
+            table.add_row(key, f"{fig['value']:g}", fig["unit"], fig["source"])
+        for key, value in d.get("software", {}).items():
+            table.add_row(f"software.{key}", value, "", "")
+        console.out.print(table)
