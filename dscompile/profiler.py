@@ -194,17 +194,13 @@ def _child_cells(subject: Subject, device: str, settings: Settings, fn) -> list[
     common = dict(runtime=result["runtime"], machine=result["machine"], threads=result["threads"],
                   peak_memory_mb=result["peak_memory_mb"])
     src = f"measured: {result['runtime']} on {result['machine']}, {result['threads']} threads"
-    cells = [measured_cell(subject.name, device, subject.precision, 1, timings[1]["p50_ms"], timings[1]["p99_ms"],
-                           source=src, extra={"runs": timings[1]["runs"]}, **common)]
     best = max(timings, key=lambda b: b * 1e3 / timings[b]["p50_ms"])
-    if best != 1:
-        t = timings[best]
-        cells.append(measured_cell(subject.name, device, subject.precision, best, t["p50_ms"], t["p99_ms"],
-                                   source=src, extra={"runs": t["runs"], "best_batch": True, "search": result["note"]},
-                                   **common))
-    else:
-        cells[0].extra["best_batch"] = True
-        cells[0].extra["search"] = result["note"]
+    search = {"best_batch": best, "search": result["note"]}
+    cells = []
+    for b in sorted({1, best}):
+        t = timings[b]
+        cells.append(measured_cell(subject.name, device, subject.precision, b, t["p50_ms"], t["p99_ms"],
+                                   source=src, extra={"runs": t["runs"], **search}, **common))
     return cells
 
 

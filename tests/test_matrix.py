@@ -80,7 +80,7 @@ def test_profile_cli_on_the_zoo(cli, digits, tmp_path):
     here = [x for x in rows if x["device"] == "this-cpu" and x["precision"] == "fp32"]
     assert here and here[0]["kind"] == "measured" and here[0]["fps"] > 0
     assert here[0]["threads"] >= 1 and here[0]["peak_memory_mb"] > 10 and "onnxruntime" in here[0]["runtime"]
-    assert any(x.get("extra", {}).get("best_batch") for x in here)
+    assert all(x["extra"]["best_batch"] >= 1 and x["extra"]["search"] for x in here)
     est = [x for x in rows if x["kind"] == "estimated"]
     assert {(x["device"], x["precision"]) for x in est} == {(d, p) for d in DEVICES.split(",")[1:] for p in ("fp32", "int8")}
     assert all("devices/" in x["source"] and ".toml" in x["source"] for x in est)
