@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dscompile.errors import InputError
+from dscompile.errors import InputError, OutputError
 from dscompile.fileio import write_json, write_text
 
 TABLE_FORMAT = "dscompile-calibration/1"
@@ -29,6 +29,12 @@ class TensorRange:
         if method not in self.amax:
             raise InputError(f"calibration table has no {method!r} threshold (it has: {', '.join(self.amax)})")
         return self.amax[method]
+
+    def asymmetric(self, method: str | None = None) -> tuple[float, float, float, int]:
+        """(min, max, scale, zero_point) for a uint8 tensor; ``method`` clips the range to its amax."""
+        from dscompile.calibration.methods import asymmetric_range
+
+        return asymmetric_range(self.min, self.max, self.threshold(method) if method else None)
 
     def to_json(self) -> dict[str, Any]:
         return {"min": self.min, "max": self.max, "absmax": self.absmax, "amax": self.amax, "histogram": self.histogram}
@@ -91,12 +97,41 @@ class CalibrationTable:
             raise InputError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_json(data, str(path))
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.extra.get("settings", {})
+
     def check_model(self, model_sha256: str, force: bool = False) -> None:
         if self.model_sha256 != model_sha256 and not force:
             raise InputError(
                 f"calibration table was made for another model (sha256 {self.model_sha256[:12]}…, "
                 f"this one {model_sha256[:12]}…); recalibrate, or --force to use it anyway"
             )
+
+
+def reusable_table(path: str | Path, model_sha256: str, data_sha256: str, settings: dict[str, Any],
+                   force: bool = False) -> CalibrationTable | None:
+    """The table at ``path`` when it was made for this model, data and settings; None to compute anew.
+
+    A table for another model is refused, and one for other data or settings is
+    not overwritten, unless ``force`` (which always recomputes).
+    """
+    path = Path(path)
+    if force or not path.exists():
+        return None
+    try:
+        table = CalibrationTable.load(path)
+    except InputError:
+        raise OutputError(f"{path}: already exists and is not a calibration table (use --force to overwrite)") from None
+    table.check_model(model_sha256)
+    if table.data_sha256 != data_sha256:
+        raise OutputError(
+            f"{path}: holds a table for other data (sha256 {table.data_sha256[:12]}…, this data "
+            f"{data_sha256[:12]}…); use --force to recompute it"
+        )
+    if table.settings != settings:
+        raise OutputError(f"{path}: holds a table made with other settings ({table.settings}); use --force to recompute it")
+    return table
 
 
 def trt_cache_text(table: CalibrationTable, method: str = "entropy", trt_version: int = 8601) -> str:
@@ -118,7 +153,12 @@ def write_trt_cache(table: CalibrationTable, path: str | Path, method: str = "en
 
 def read_trt_cache(path: str | Path) -> tuple[str, dict[str, float]]:
     """(header, {tensor: scale}) from a TensorRT calibration cache."""
-    lines = Path(path).read_text().splitlines()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such TensorRT calibration cache") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a TensorRT calibration cache (not text)") from None
     if not lines or not lines[0].startswith("TRT-"):
         raise InputError(f"{path}: not a TensorRT calibration cache (no TRT- header)")
     scales = {}

@@ -7,7 +7,7 @@ for a device and hands it down.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -103,6 +103,37 @@ class ActivationScheme:
 
 
 @dataclass(frozen=True)
+class Numerics:
+    """What a precision does to a layer's numbers, so DMPQ can emulate it on any machine.
+
+    weight: "none" | "int8_channel" (symmetric per output channel) | "int4_block"
+            (block-wise along the reduction axis) | "fp16"
+    activation: "none" | "static" (calibrated range, per ``ActivationScheme``)
+            | "dynamic" (per-tensor range of each run, uint8) | "fp16"
+    """
+
+    weight: str = "none"
+    activation: str = "none"
+    block_size: int = 0
+    weight_symmetric: bool = True  # int4 blocks: symmetric, or with a zero point per block
+    quantize_output: bool = False  # static: the layer's output is requantised too
+
+
+DEFAULT_NUMERICS: dict[str, Numerics] = {
+    FP32: Numerics(),
+    FP16: Numerics("fp16", "fp16"),
+    INT8: Numerics("int8_channel", "static", quantize_output=True),
+    INT8_DYNAMIC: Numerics("int8_channel", "dynamic"),
+    INT16X8: Numerics("int8_channel", "static16"),
+    INT8_WEIGHT: Numerics("int8_channel", "none"),
+    INT4_WEIGHT: Numerics("int4_block", "none", block_size=32),
+}
+
+# A target's veto for one layer at one precision: None, or why it cannot run it.
+LayerCheck = Callable[[Layer, str], "str | None"]
+
+
+@dataclass(frozen=True)
 class TargetCapabilities:
     """Everything DMPQ needs to know about one target on one device."""
 
@@ -111,3 +142,20 @@ class TargetCapabilities:
     menu: PrecisionMenu
     cost_model: CostModel
     activations: ActivationScheme = field(default_factory=ActivationScheme)
+    numerics: Mapping[str, Numerics] = field(default_factory=lambda: dict(DEFAULT_NUMERICS))
+    check: LayerCheck | None = None
+    reasons: Mapping[str, str] = field(default_factory=dict)  # op -> why it stays fp32 (GRU, If, ...)
+
+    def layer_menu(self, layer: Layer, include_forced: bool = False) -> tuple[str, ...]:
+        """Precisions this layer can take: the op's menu minus what the target vetoes for it."""
+        menu = self.menu.for_op(layer.op, include_forced)
+        return tuple(p for p in menu if p == FP32 or self.check is None or self.check(layer, p) is None)
+
+    def why_not(self, layer: Layer, precision: str) -> str | None:
+        """None if ``layer`` can run at ``precision``, else the reason."""
+        if not self.menu.allows(layer.op, precision):
+            allowed = ", ".join(self.menu.for_op(layer.op, include_forced=True))
+            return f"target {self.target} cannot run {layer.op} at {precision} (it can: {allowed})"
+        if precision != FP32 and self.check is not None:
+            return self.check(layer, precision)
+        return None

@@ -468,7 +468,7 @@ def check_export(module: Any, graph: ModelGraph, options: IngestOptions) -> dict
     for feed in feeds:
         with torch.no_grad():
             ref = call(*[torch.from_numpy(feed[s.name]) for s in graph.inputs])
-        ref_arrays = [t.detach().numpy() for t in _flatten(ref)]
+        ref_arrays = [t.detach().numpy() for t in flatten_outputs(ref)]
         got = run_session(sess, feed)
         for r, g in zip(ref_arrays, got, strict=False):
             if r.shape != g.shape:
@@ -486,9 +486,10 @@ def check_export(module: Any, graph: ModelGraph, options: IngestOptions) -> dict
     return result
 
 
-def _flatten(out: Any) -> list:
+def flatten_outputs(out: Any) -> list:
+    """A torch model's outputs (nested tuples, lists, dicts) as a flat list of tensors."""
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
+        return [t for o in out for t in flatten_outputs(o)]
     if isinstance(out, dict):
-        return [t for o in out.values() for t in _flatten(o)]
+        return [t for o in out.values() for t in flatten_outputs(o)]
     return [out]

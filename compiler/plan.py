@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dscompile.compiler.capabilities import PRECISIONS, TargetCapabilities
+from dscompile.calibration.table import CalibrationTable
+from dscompile.compiler.capabilities import INT8, INT16X8, PRECISIONS, Layer, TargetCapabilities
+from dscompile.compiler.ranges import activation_range, range_from_json
 from dscompile.errors import InputError
 from dscompile.fileio import write_json
 
@@ -50,6 +52,7 @@ class QuantPlan:
     predicted: dict[str, Any] = field(default_factory=dict)
     rounds: tuple[dict[str, Any], ...] = ()
     device: str = ""
+    sensitivity_metric: str = ""  # kl | nmse | kl+nmse (see compiler/sensitivity.py)
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -74,6 +77,7 @@ class QuantPlan:
             "device": self.device,
             "model_sha256": self.model_sha256,
             "budget": self.budget,
+            "sensitivity_metric": self.sensitivity_metric,
             "layers": [lp.to_json() for lp in self.layers],
             "predicted": self.predicted,
             "rounds": list(self.rounds),
@@ -100,6 +104,7 @@ class QuantPlan:
                 target=data["target"], model_sha256=data["model_sha256"], layers=layers,
                 budget=data.get("budget", {}), predicted=data.get("predicted", {}),
                 rounds=tuple(data.get("rounds", ())), device=data.get("device", ""),
+                sensitivity_metric=data.get("sensitivity_metric", ""),
             )
         except (KeyError, TypeError) as exc:
             raise InputError(f"{origin}: malformed plan (missing or wrong field {exc})") from None
@@ -133,3 +138,56 @@ def validate_plan(plan: QuantPlan, model_sha256: str, node_names: set[str], caps
         missing = [n for n in lp.nodes if n not in node_names]
         if missing:
             raise InputError(f"plan layer {lp.name!r}: node {missing[0]!r} does not exist in the model")
+
+
+STATIC_PRECISIONS = (INT8, INT16X8)  # precisions whose activations need calibrated ranges
+
+
+def validate_layers(plan: QuantPlan, layers: list[Layer], caps: TargetCapabilities) -> None:
+    """Every plan layer must be a layer of this model with the same op, at a precision it can run."""
+    by_name = {lay.name: lay for lay in layers}
+    for lp in plan.layers:
+        lay = by_name.get(lp.name)
+        if lay is None:
+            raise InputError(f"plan layer {lp.name!r} does not exist in the model (it has {len(layers)} layers, e.g. "
+                             f"{', '.join(list(by_name)[:3])})")
+        if lay.op != lp.op:
+            raise InputError(f"plan layer {lp.name!r}: op {lp.op!r} in the plan, {lay.op!r} in the model")
+        why = caps.why_not(lay, lp.precision)
+        if why:
+            raise InputError(f"plan layer {lp.name!r}: {why}")
+
+
+def needed_tensors(lay: Layer, graph_outputs: set[str]) -> list[str]:
+    """Activation tensors a statically quantised layer needs ranges for: inputs and its output."""
+    return list(lay.inputs) + [o for o in lay.outputs[:1] if o not in graph_outputs]
+
+
+def plan_ranges(plan: QuantPlan, layers: list[Layer], table: CalibrationTable | None,
+                graph_outputs: set[str] = frozenset(), constants: set[str] = frozenset()) -> dict[str, tuple[float, float]]:
+    """[lo, hi] per tensor of every static layer: the plan's own ranges first (hand edits win), then the table."""
+    from dscompile.compiler.capabilities import ActivationScheme
+
+    by_name = {lay.name: lay for lay in layers}
+    out: dict[str, tuple[float, float]] = {}
+    for lp in plan.layers:
+        if lp.precision not in STATIC_PRECISIONS or lp.name not in by_name:
+            continue
+        given = lp.activations.get("ranges", {}) if isinstance(lp.activations, dict) else {}
+        scheme = ActivationScheme(lp.activations.get("method", "minmax"), bool(lp.activations.get("symmetric", False)))
+        for t in needed_tensors(by_name[lp.name], set(graph_outputs)):
+            if t in out or t in constants:
+                continue
+            if t in given:
+                try:
+                    out[t] = range_from_json(given[t])
+                except (KeyError, TypeError, ValueError):
+                    raise InputError(f"plan layer {lp.name!r}: range of {t!r} needs min/max or amax numbers") from None
+            elif table is not None and t in table.tensors:
+                out[t] = activation_range(table.tensors[t], scheme)
+            else:
+                raise InputError(
+                    f"plan layer {lp.name!r} is {lp.precision} but neither the plan nor the calibration table "
+                    f"has a range for tensor {t!r}" + ("" if table is not None else " (pass --calib)")
+                )
+    return out

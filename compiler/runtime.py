@@ -28,9 +28,12 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
 def ort_session(
     model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True
 ) -> ort.InferenceSession:
-    src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     try:
-        return ort.InferenceSession(src, session_options(threads, optimize), providers=["CPUExecutionProvider"])
+        if isinstance(model, (str, Path)):
+            return ort.InferenceSession(str(model), session_options(threads, optimize), providers=["CPUExecutionProvider"])
+        from dscompile.compiler.onnx_io import new_session
+
+        return new_session(model, session_options(threads, optimize))
     except Exception as exc:
         text = str(exc).strip().splitlines()[0][:300]
         raise InputError(f"onnxruntime cannot load the model: {text}") from None

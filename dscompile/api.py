@@ -7,16 +7,36 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dscompile.calibration.collect import calibrate as collect_calibration
+from dscompile.calibration.collect import settings as calibration_settings
+from dscompile.calibration.datasets import DataOptions, open_data
+from dscompile.calibration.table import METHODS, CalibrationTable, reusable_table, trt_cache_text
 from dscompile.compiler.graph import graph_inputs, graph_outputs, macs, parameter_stats
 from dscompile.compiler.ingest import IngestOptions, detect_format, ingest, load_onnx
 from dscompile.compiler.shapes import parse_input_shape
+from dscompile.errors import OutputError
+from dscompile.fileio import check_writable, write_text
 from dscompile.pipeline import CompileOptions, CompileResult, compile_model
 
-__all__ = ["CompileOptions", "CompileResult", "IngestOptions", "compile", "inspect", "profile"]
+__all__ = ["CalibrateResult", "PlanResult", "build", "plan", "CompileOptions", "CompileResult", "DataOptions", "IngestOptions", "calibrate",
+           "compile", "inspect", "profile"]
+
+log = logging.getLogger("dscompile")
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    table: CalibrationTable
+    output: Path
+    trt_cache: Path | None
+    reused: bool  # the table at ``output`` was already made for this model, data and settings
+    data: str  # what the data was
 
 
 def compile(
@@ -66,6 +86,108 @@ def inspect(model: str | Path, options: IngestOptions | None = None) -> dict[str
         "parameter_bytes": nbytes,
         "macs": macs(onnx_model),
     }
+
+
+def calibrate(
+    model: str | Path,
+    data: str | Path,
+    output: str | Path | None = None,
+    *,
+    trt_cache: str | Path | None = None,
+    methods: Sequence[str] = METHODS,
+    percentile: float = 99.99,
+    data_options: DataOptions | None = None,
+    ingest_options: IngestOptions | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> CalibrateResult:
+    """Calibrate ``model`` on ``data`` and write the table (and a TensorRT cache).
+
+    A table already at ``output`` for the same model, data and settings is reused
+    (``force`` recomputes); one for another model is refused unless ``force``.
+    """
+    model = Path(model)
+    out = Path(output) if output else model.parent / f"{model.name.split('.')[0] or 'model'}.calib.json"
+    for path in (out, trt_cache):
+        if path is not None and not Path(path).exists():
+            check_writable(path, force)  # a missing folder fails now, not after the work
+    graph = ingest(model, ingest_options or IngestOptions()).graph
+    source = open_data(data, graph.inputs, data_options or DataOptions())
+    settings = calibration_settings(methods, percentile, 2048)
+    table = reusable_table(out, graph.sha256, source.sha256, settings, force)
+    reused = table is not None
+    if table is None:
+        if trt_cache and Path(trt_cache).exists() and not force:
+            raise OutputError(f"{trt_cache}: already exists (use --force to overwrite)")
+        table = collect_calibration(graph.model, source, model_sha256=graph.sha256, data_sha256=source.sha256,
+                                    methods=methods, percentile=percentile, progress=progress)
+        table.save(out, force=force)
+    else:
+        log.info(f"{out}: reusing the table made for this model and data ({table.samples} samples); --force recomputes")
+    cache = _write_trt_cache(table, trt_cache, methods[0], force) if trt_cache else None
+    return CalibrateResult(table, out, cache, reused, source.describe())
+
+
+def _write_trt_cache(table: CalibrationTable, path: str | Path, method: str, force: bool) -> Path:
+    path = Path(path)
+    text = trt_cache_text(table, method)
+    if path.exists() and not force:
+        if path.read_text() == text:
+            return path
+        raise OutputError(f"{path}: already exists (use --force to overwrite)")
+    return write_text(path, text, force)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Any  # QuantPlan
+    output: Path
+    plots: list[Path]
+
+
+def plan(
+    model: str | Path, calib: str | Path, output: str | Path, target: str = "ort-cpu", device: str | None = None,
+    settings: Any = None, data_options: DataOptions | None = None, ingest_options: IngestOptions | None = None,
+    verify_samples: int = 16, threads: int | None = None, seed: int = 0, plots: str | Path | None = None,
+    force: bool = False,
+) -> PlanResult:
+    """Calibrate on ``calib`` data, plan mixed precision (DMPQ + repair on held-out samples), save plan.json."""
+    from dscompile.pipeline import calibrate_stage
+    from dscompile.planning import (
+        PlanSettings,
+        check_numeric_outputs,
+        check_plots_writable,
+        plan_for,
+        write_plan_plots,
+    )
+    from dscompile.targets.base import get_target
+
+    out = check_writable(output, force)
+    check_plots_writable(plots, force)
+    settings = replace(settings or PlanSettings(), threads=threads, seed=seed)
+    opts = CompileOptions(target=target, device=device, force=force, ingest=ingest_options or IngestOptions(),
+                          verify_samples=verify_samples, threads=threads, seed=seed, calib=Path(calib),
+                          data=data_options or DataOptions(), planning=settings)
+    tgt = get_target(target)
+    ingested = ingest(model, opts.ingest)
+    check_numeric_outputs(ingested.graph)
+    calibrated = calibrate_stage(ingested, opts)
+    if not calibrated.samples:
+        from dscompile.errors import InputError
+
+        raise InputError(f"{calib}: planning needs sample data (a folder, .npy/.npz or generator), not a calib.json")
+    result, _ = plan_for(tgt, ingested.graph, device or tgt.default_device(), calibrated.table, calibrated.samples,
+                         calibrated.holdout, settings)
+    pngs = write_plan_plots(result, plots, force) if plots else []
+    result.save(out, force)
+    return PlanResult(result, out, pngs)
+
+
+def build(model: str | Path, plan_file: str | Path, target: str = "ort-cpu", output: str | Path | None = None,
+          calib: str | Path | None = None, options: CompileOptions | None = None, **overrides: Any) -> CompileResult:
+    """Build ``plan_file`` for ``model`` exactly as written (checked), verify it, write artifact + report."""
+    opts = replace(options or CompileOptions(), plan=Path(plan_file), calib=Path(calib) if calib else None)
+    return compile(model, target=target, output=output, options=opts, **overrides)
 
 
 def profile(

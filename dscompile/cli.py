@@ -13,10 +13,13 @@ import click
 
 from dscompile import __version__
 from dscompile.commands import batch as batch_cmd
+from dscompile.commands import build as build_cmd
+from dscompile.commands import calibrate as calibrate_cmd
 from dscompile.commands import compile as compile_cmd
 from dscompile.commands import demo as demo_cmd
 from dscompile.commands import devices as devices_cmd
 from dscompile.commands import inspect as inspect_cmd
+from dscompile.commands import plan as plan_cmd
 from dscompile.commands import profile as profile_cmd
 from dscompile.errors import DscompileError
 
@@ -48,7 +51,10 @@ def cli() -> None:
 # One line per command.
 cli.add_command(compile_cmd.command)
 cli.add_command(inspect_cmd.command)
+cli.add_command(calibrate_cmd.command)
 cli.add_command(devices_cmd.command)
+cli.add_command(plan_cmd.command)
+cli.add_command(build_cmd.command)
 cli.add_command(demo_cmd.command)
 cli.add_command(profile_cmd.command)
 cli.add_command(batch_cmd.command)

@@ -55,15 +55,36 @@ def _io_error(path: Path, exc: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write ({exc})")
 
 
+def staging_root(out: Path) -> Path:
+    """Where to build ``out`` before it is renamed into place.
+
+    The system temp folder when it is on the destination's file system (so a run
+    killed outright leaves nothing in the output folder), else the destination
+    folder itself (a rename across file systems would not be atomic).
+    """
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.gettempdir())
+    try:
+        if tmp.stat().st_dev == parent.stat().st_dev and os.access(tmp, os.W_OK):
+            return tmp
+    except OSError:
+        pass
+    return parent
+
+
+def make_stage(out: Path) -> Path:
+    """A new empty staging folder for ``out`` (see ``staging_root``)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stage", dir=staging_root(out)))
+    except OSError as exc:
+        raise _io_error(out, exc) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place on success.
-
-    The temporary file lives in the destination folder so the final rename is
-    atomic on one file system; on any failure it is removed.
-    """
+    """Yield a temporary path; rename it into place on success, remove it on failure."""
     out = Path(path)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    tmp = staging_root(out) / f".{out.name}.{os.getpid()}.{id(out):x}.tmp"
     try:
         yield tmp
         if out.exists() and not force:
@@ -79,27 +100,29 @@ def atomic_path(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; it replaces ``path`` on success."""
+    """Yield a temporary folder; it replaces ``path`` on success."""
     out = Path(path)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as exc:
-        raise _io_error(out, exc) from exc
+    tmp = make_stage(out)
     try:
         yield tmp
         if out.exists() and not force:
             raise OutputError(f"{out}: already exists (use --force to overwrite)")
-        if out.exists():
-            old = out.parent / f".{out.name}.{os.getpid()}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as exc:
         raise _io_error(out, exc) from exc
     finally:
         _remove(tmp)
+
+
+def replace_dir(src: Path, out: Path) -> None:
+    """Move folder ``src`` to ``out``, replacing an old ``out`` with one rename in view."""
+    if out.exists():
+        old = staging_root(out) / f".{out.name}.{os.getpid()}.old"
+        os.replace(out, old)
+        os.replace(src, out)
+        _remove(old)
+    else:
+        os.replace(src, out)
 
 
 def _remove(p: Path) -> None:

@@ -26,6 +26,8 @@ from dscompile.fileio import sha256_file
 # name -> "module:attribute". Adding a target is one line here and one module.
 BUILTIN: dict[str, str] = {
     "ort-cpu": "dscompile.targets.ort_cpu:TARGET",
+    "jetson-orin": "dscompile.targets.tensorrt:TARGET",
+    "snapdragon": "dscompile.targets.tflite:TARGET",
 }
 
 Feed = dict[str, np.ndarray]

@@ -1,7 +1,8 @@
 """ONNX Runtime CPU target: an ONNX model that onnxruntime's CPU provider runs.
 
-FP32 lowering writes the simplified export; quantised lowering (QDQ for the
-integer kernels) follows the plan.
+Without a plan the simplified FP32 model is written. With one, each layer is
+lowered at its planned precision (``ort_cpu_qdq.py``: QDQ for the integer
+kernels, DynamicQuantizeMatMul, MatMulNBits); costs come from ``ort_cpu_cost.py``.
 """
 
 from __future__ import annotations
@@ -10,29 +11,54 @@ from pathlib import Path
 
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import (
+    FP16,
     FP32,
+    INT4_WEIGHT,
+    INT8,
+    INT8_DYNAMIC,
+    INT8_WEIGHT,
     ActivationScheme,
-    Cost,
     Layer,
     PrecisionMenu,
     TargetCapabilities,
 )
 from dscompile.compiler.graph import ModelGraph
+from dscompile.compiler.layers import ACT_MATMUL, CONTROL_FLOW, INTEGER_OPS, RECURRENT, find_layers
+from dscompile.compiler.normalize import normalize
 from dscompile.compiler.onnx_io import save_model
-from dscompile.compiler.plan import QuantPlan
+from dscompile.compiler.plan import QuantPlan, plan_ranges
+from dscompile.errors import InputError
 from dscompile.profiles.runners import OrtRunner
 from dscompile.targets.base import Artifact, BuildOptions, describe_files
+from dscompile.targets.ort_cpu_qdq import INT4_BLOCK, Range, check_layer, lower_qdq
 
 MODEL_FILE = "model.onnx"
+THIS_CPU = "this-cpu"
+
+_MATMUL_MENU = (FP32, INT8, INT8_DYNAMIC, INT4_WEIGHT, FP16)
+MENU = PrecisionMenu(
+    by_op={
+        "Conv": (FP32, INT8, FP16), "ConvTranspose": (FP32, INT8, FP16),
+        "MatMul": _MATMUL_MENU, "Gemm": _MATMUL_MENU, ACT_MATMUL: (FP32, INT8),
+        "Gather": (FP32, INT8_WEIGHT, INT4_WEIGHT),
+        **{op: (FP32, INT8) for op in INTEGER_OPS},
+    },
+    default=(FP32,),
+    forced_only=(FP16,),
+)
+# Why some layers stay fp32 on this target (reported in the plan).
+REASONS = {
+    "GRU": "onnxruntime has no quantised GRU kernel: kept fp32",
+    "RNN": "onnxruntime has no quantised RNN kernel: kept fp32",
+    "LSTM": "kept fp32 (DynamicQuantizeLSTM is not lowered by dscompile yet)",
+    **{op: f"{op} subgraph kept fp32 (control flow is not quantised)" for op in CONTROL_FLOW},
+}
+assert all(op in RECURRENT or op in CONTROL_FLOW for op in REASONS)
 
 
-class _WeightBytesCost:
-    """Size-only cost until the measured cost model lands: bytes of weights, no latency."""
-
-    def cost(self, layer: Layer, precision: str) -> Cost:
-        from dscompile.compiler.capabilities import WEIGHT_BITS
-
-        return Cost(layer.params * WEIGHT_BITS[precision] // 8, 0.0, "estimated", "weight bytes only")
+def prepared(graph: ModelGraph) -> ModelGraph:
+    """The graph with opset >= 13 and unique node names (idempotent)."""
+    return ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
 
 
 class OrtCpuTarget:
@@ -45,21 +71,58 @@ class OrtCpuTarget:
         return True, ""
 
     def default_device(self) -> str:
-        return "this-cpu"
+        return THIS_CPU
 
-    def capabilities(self, graph: ModelGraph, device: str) -> TargetCapabilities:
+    def capabilities(self, graph: ModelGraph, device: str, threads: int | None = None) -> TargetCapabilities:
+        from dscompile.targets.ort_cpu_cost import OrtCpuCost
+
+        g = prepared(graph)
+        layers = find_layers(g)
+        weights = {t.name: t for t in g.model.graph.initializer}
+        nodes = {n.name: n for n in g.model.graph.node}
+
+        def check(layer: Layer, precision: str) -> str | None:
+            return check_layer(layer, precision, weights, nodes)
+
+        menus = {lay.name: tuple(p for p in MENU.for_op(lay.op) if p == FP32 or check(lay, p) is None) for lay in layers}
+        profile = None
+        if device and device != THIS_CPU:
+            from dscompile.profiles.devices import get_device
+
+            profile = get_device(device)
+            if profile.target != self.name:
+                raise InputError(f"device {device!r} is for target {profile.target}, not {self.name}")
+
+        def lower(assign: dict[str, str]):
+            ranges = {t: Range(-1.0, 1.0) for lay in layers for t in (*lay.inputs, *lay.outputs)}
+            return lower_qdq(g.model, layers, assign, ranges)
+
+        cost = OrtCpuCost(g.model, layers, menus, lower, device or THIS_CPU, profile, threads, g.inputs)
+        from dscompile.compiler.capabilities import DEFAULT_NUMERICS, Numerics
+
+        numerics = dict(DEFAULT_NUMERICS)
+        numerics[INT4_WEIGHT] = Numerics("int4_block", "none", block_size=INT4_BLOCK, weight_symmetric=False)
         return TargetCapabilities(
-            self.name, device, PrecisionMenu(by_op={}, default=(FP32,)), _WeightBytesCost(),
-            ActivationScheme(method="minmax", symmetric=False),
+            self.name, device or THIS_CPU, MENU, cost, ActivationScheme(method="minmax", symmetric=False),
+            numerics, check, REASONS,
         )
 
     def lower(
         self, graph: ModelGraph, plan: QuantPlan | None, table: CalibrationTable | None,
         stage: Path, options: BuildOptions,
     ) -> Artifact:
-        files = save_model(graph.model, stage / MODEL_FILE)
+        g = prepared(graph)
+        model = g.model
+        if plan is not None:
+            layers = find_layers(g)
+            precisions = {lp.name: lp.precision for lp in plan.layers}
+            outs = {o.name for o in model.graph.output}
+            consts = {t.name for t in model.graph.initializer}
+            ranges = {t: Range(*r) for t, r in plan_ranges(plan, layers, table, outs, consts).items()}
+            model = lower_qdq(g.model, layers, precisions, ranges)
+        files = save_model(model, stage / MODEL_FILE)
         roles = {f: ("model" if f == MODEL_FILE else "other") for f in files}
-        return Artifact(self.name, "this-cpu", stage, MODEL_FILE, describe_files(stage, roles))
+        return Artifact(self.name, options.device or THIS_CPU, stage, MODEL_FILE, describe_files(stage, roles))
 
     def runner(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
         return OrtRunner(artifact.primary_path, threads)

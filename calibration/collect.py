@@ -1,0 +1,234 @@
+"""Run the model on calibration data and collect streaming statistics of the tensors a quantiser may touch.
+
+The tensors to observe are added as graph outputs of a copy of the model, which
+onnxruntime runs batch by batch; each batch's activations update one
+StreamingHistogram per tensor and are dropped, so memory does not grow with the
+number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+
+from dscompile.calibration.feeds import Feed, rows_of
+from dscompile.calibration.histograms import DEFAULT_BINS, StreamingHistogram
+from dscompile.calibration.methods import METHODS, QUANT_LEVELS, compute, values_needed
+from dscompile.calibration.progress import Progress
+from dscompile.calibration.table import CalibrationTable, TensorRange
+from dscompile.errors import InputError
+
+log = logging.getLogger("dscompile")
+
+# op type -> which inputs are activations a quantiser would quantise (None: all non-constant inputs)
+_INPUTS: dict[str, tuple[int, ...] | None] = {
+    "Conv": (0,), "ConvTranspose": (0,), "MatMul": None, "Gemm": None, "Einsum": None,
+    "Attention": (0,), "MultiHeadAttention": (0, 1, 2), "GroupQueryAttention": (0, 1, 2),
+    "MaxPool": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,), "GlobalMaxPool": (0,),
+}
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+_ACTIVATION_BUDGET = 256 << 20  # bytes of observed activations per run (two runs' worth are alive)
+
+
+def quantizable_tensors(model: onnx.ModelProto) -> list[str]:
+    """Float graph inputs, activations feeding Conv/ConvTranspose/MatMul/Gemm/attention/pooling
+    and residual Adds (both operands computed), and the outputs of those nodes; in graph order."""
+    g = model.graph
+    const = {t.name for t in g.initializer}
+    for n in g.node:  # propagate: a node fed only by constants (shape arithmetic) is constant too
+        if n.op_type == "Constant" or (n.input and all(i in const or not i for i in n.input)):
+            const.update(o for o in n.output if o)
+    types = _elem_types(model)
+
+    def is_float(name: str) -> bool:
+        return types.get(name, onnx.TensorProto.FLOAT) in _FLOATS
+
+    chosen: dict[str, None] = {}
+    for vi in g.input:
+        if vi.name not in const and is_float(vi.name):
+            chosen[vi.name] = None
+    for n in g.node:
+        if n.op_type in _INPUTS:
+            picks = _INPUTS[n.op_type]
+            idx = range(len(n.input)) if picks is None else picks
+            acts = [n.input[i] for i in idx if i < len(n.input) and n.input[i] and n.input[i] not in const]
+        elif n.op_type == "Add" and len(n.input) == 2 and not (set(n.input) & const):
+            acts = list(n.input)  # a residual add: two computed operands
+        else:
+            continue
+        outs = [n.output[0]] if n.output and n.output[0] else []
+        for name in [*acts, *outs]:
+            if is_float(name):
+                chosen[name] = None
+    return list(chosen)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is advisory; unknown types are checked at run time
+        inferred = model
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return {k: v for k, v in types.items() if v}
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    feeds: Iterable[dict[str, np.ndarray]],
+    *,
+    model_sha256: str,
+    data_sha256: str,
+    tensors: Sequence[str] | None = None,
+    methods: Sequence[str] = METHODS,
+    percentile: float = 99.99,
+    num_bins: int = DEFAULT_BINS,
+    progress: bool = True,
+) -> CalibrationTable:
+    """Statistics and thresholds of ``tensors`` (default: quantizable_tensors) over ``feeds``."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"unknown calibration method {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    if not 0.0 < percentile <= 100.0:
+        raise InputError(f"--percentile {percentile}: must be in (0, 100]")
+    names = list(dict.fromkeys(tensors if tensors is not None else quantizable_tensors(model)))
+    graph_inputs = {vi.name for vi in model.graph.input}
+    _check_names(model, names)
+    outputs = [n for n in names if n not in graph_inputs]
+    session = _session(_with_outputs(model, outputs))
+    stats = {n: StreamingHistogram(num_bins) for n in names}
+    total = getattr(feeds, "count", None) or (sum(map(rows_of, feeds)) if isinstance(feeds, (list, tuple)) else None)
+    rows = 0
+    start = time.perf_counter()
+    observed_inputs = [n for n in names if n in graph_inputs]
+    # Histograms of batch k are updated on a worker thread while onnxruntime runs batch k+1 (both
+    # release the GIL); at most one batch of activations waits, so memory stays bounded.
+    with ThreadPoolExecutor(1, thread_name_prefix="calib") as pool, \
+            Progress("calibrating", total, enabled=progress) as bar:
+        pending = None
+        for feed in _bounded(feeds, session, outputs, _dynamic_batch(model)):
+            arrays = _run(session, outputs, feed)
+            if pending is not None:
+                pending.result()
+            observed = [*zip(outputs, arrays, strict=True), *((n, feed[n]) for n in observed_inputs)]
+            pending = pool.submit(_update, stats, observed)
+            n = rows_of(feed)
+            rows += n
+            bar.advance(n)
+        if pending is not None:
+            pending.result()
+    if rows == 0:
+        raise InputError("the calibration data holds no samples")
+    seconds = time.perf_counter() - start
+    log.info(f"calibrated {len(names)} tensors on {rows} samples in {seconds:.1f} s ({rows / seconds:.1f} samples/s)")
+    table = _table(stats, methods, percentile, num_bins, model_sha256, data_sha256, rows)
+    _warn_thin(stats, methods, percentile, num_bins, rows)
+    return table
+
+
+def _update(stats: dict[str, StreamingHistogram], observed: list[tuple[str, np.ndarray]]) -> None:
+    for name, a in observed:
+        if a.dtype.kind == "f":
+            stats[name].update(a)
+
+
+def _check_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    known = {vi.name for vi in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise InputError(f"the model has no tensor named {', '.join(missing[:5])}")
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    present = {o.name for o in aug.graph.output}
+    aug.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return aug
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def _run(session, outputs: Sequence[str], feed: Feed) -> list[np.ndarray]:
+    try:
+        return session.run(list(outputs), feed) if outputs else []
+    except Exception as exc:
+        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feed.items())
+        text = str(exc).strip().splitlines()[0][:300]
+        raise InputError(f"onnxruntime failed on calibration inputs ({shapes}): {text}") from None
+
+
+def _dynamic_batch(model: onnx.ModelProto) -> bool:
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return False
+    return True
+
+
+def _bounded(feeds: Iterable[Feed], session, outputs: Sequence[str], dynamic: bool) -> Iterator[Feed]:
+    """Split batches whose observed activations would pass the memory budget (dynamic batch only)."""
+    max_rows = None
+    for feed in feeds:
+        n = rows_of(feed)
+        if max_rows is None and dynamic and n > 1:
+            probe = {k: v[:1] for k, v in feed.items()}
+            per_row = sum(a.nbytes for a in _run(session, outputs, probe)) or 1
+            max_rows = max(1, _ACTIVATION_BUDGET // per_row)
+        if max_rows is not None and n > max_rows:
+            for s in range(0, n, max_rows):
+                yield {k: v[s:s + max_rows] for k, v in feed.items()}
+        else:
+            yield feed
+
+
+def _table(stats: dict[str, StreamingHistogram], methods: Sequence[str], percentile: float, num_bins: int,
+           model_sha256: str, data_sha256: str, rows: int) -> CalibrationTable:
+    tensors = {}
+    for name, s in stats.items():
+        h = s.finish()
+        amax = {m: compute(h, m, percentile) for m in methods}
+        tensors[name] = TensorRange(h.min, h.max, h.absmax, amax, h.to_json())
+    return CalibrationTable(model_sha256, data_sha256, rows, tensors, {"settings": settings(methods, percentile, num_bins)})
+
+
+def settings(methods: Sequence[str], percentile: float, num_bins: int) -> dict[str, object]:
+    """What, besides model and data, decides a table: a rerun with other settings recomputes."""
+    return {"methods": list(methods), "percentile": percentile, "num_bins": num_bins,
+            "num_quantized_bins": QUANT_LEVELS, "histogram": "abs"}
+
+
+def _warn_thin(stats: dict[str, StreamingHistogram], methods: Sequence[str], percentile: float,
+               num_bins: int, rows: int) -> None:
+    """Say when there were fewer values than a method needs, and what that does to its thresholds."""
+    effect = {
+        "percentile": "their percentile threshold is their max",
+        "entropy": "the KL search runs on a sparse histogram and its thresholds are noisy",
+        "mse": "the MSE search runs on a sparse histogram and its thresholds are noisy",
+    }
+    for m in methods:
+        need = values_needed(m, percentile, num_bins)
+        thin = [n for n, s in stats.items() if s.values < need]
+        if thin and m in effect:
+            log.warning(
+                f"{m}: {len(thin)} of {len(stats)} tensors saw fewer than {need} values over {rows} samples "
+                f"(e.g. {thin[0]}: {stats[thin[0]].values}); {effect[m]}; calibrate on more samples"
+            )

@@ -1,0 +1,149 @@
+"""DMPQ: choose one precision per layer from sensitivity and device cost.
+
+    layers      = find_layers(graph)                      (compiler/layers.py)
+    sensitivity = measure(...)  per layer x precision     (compiler/sensitivity.py)
+    cost        = caps.cost_model.cost(layer, precision)  (the target's model)
+    allocation  = allocate(..., budget)                   (compiler/allocate.py, exact)
+    plan        = QuantPlan(...)                          (editable JSON)
+
+The repair loop (compiler/repair.py) then checks the built model on held-out
+data and promotes layers until the fidelity floor holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dscompile.calibration.table import CalibrationTable
+from dscompile.compiler.allocate import Allocation, Budget, Choice, allocate
+from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities
+from dscompile.compiler.graph import ModelGraph
+from dscompile.compiler.layers import find_layers
+from dscompile.compiler.plan import STATIC_PRECISIONS, LayerPlan, QuantPlan, needed_tensors
+from dscompile.compiler.ranges import range_json, table_ranges
+from dscompile.compiler.sensitivity import Sensitivity, measure
+
+log = logging.getLogger("dscompile")
+Feed = dict[str, np.ndarray]
+DEFAULT_BUDGET = Budget("kl", 0.01)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    budget: Budget = DEFAULT_BUDGET
+    sensitivity_samples: int = 16
+    threads: int | None = None
+    show_progress: bool = True
+
+
+def make_plan(
+    graph: ModelGraph, caps: TargetCapabilities, table: CalibrationTable | None, feeds: Sequence[Feed],
+    options: PlanOptions = PlanOptions(), model_sha256: str | None = None,
+) -> QuantPlan:
+    """A plan for ``graph`` (already normalised by the target) within ``options.budget``."""
+    layers = find_layers(graph)
+    outputs = {o.name for o in graph.model.graph.output}
+    consts = {t.name for t in graph.model.graph.initializer}
+    tensors = {t for lay in layers for t in needed_tensors(lay, outputs) if t not in consts}
+    ranges = table_ranges(table, tensors, caps.activations)
+    sens = measure(graph.model, layers, caps, ranges, list(feeds)[: options.sensitivity_samples],
+                   options.threads, options.show_progress)
+    choices = [_choice(lay, caps, sens) for lay in layers]
+    fixed_bytes, fixed_ms = _fixed(graph, layers, caps)
+    alloc = allocate(choices, options.budget, fixed_bytes, fixed_ms)
+    lps = tuple(_layer_plan(lay, caps, sens, ranges, alloc, outputs, consts) for lay in layers)
+    return QuantPlan(
+        target=caps.target, model_sha256=model_sha256 or graph.sha256, layers=lps,
+        budget=options.budget.to_json(), predicted=_predicted(alloc, caps, sens), device=caps.device,
+        sensitivity_metric=sens.metric,
+    )
+
+
+def _choice(lay: Layer, caps: TargetCapabilities, sens: Sensitivity) -> Choice:
+    options = {}
+    for p in caps.layer_menu(lay):
+        if p in sens.values.get(lay.name, {}):
+            c = caps.cost_model.cost(lay, p)
+            options[p] = (sens.values[lay.name][p], float(c.bytes), float(c.latency_ms))
+    if not options:
+        c = caps.cost_model.cost(lay, FP32)
+        options[FP32] = (0.0, float(c.bytes), float(c.latency_ms))
+    return Choice(lay.name, options)
+
+
+def _fixed(graph: ModelGraph, layers: list[Layer], caps: TargetCapabilities) -> tuple[float, float]:
+    """Bytes and latency of everything that is not a layer's weight (both stay as they are)."""
+    owned = {w for lay in layers for w in lay.weights}
+    fixed_bytes = sum(_tensor_bytes(t) for t in graph.model.graph.initializer if t.name not in owned)
+    overhead = getattr(caps.cost_model, "overhead_ms", None)
+    return float(fixed_bytes), float(overhead() if callable(overhead) else 0.0)
+
+
+def _tensor_bytes(t) -> int:
+    import onnx
+
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _predicted(alloc: Allocation, caps: TargetCapabilities, sens: Sensitivity) -> dict:
+    src = getattr(caps.cost_model, "source_text", None)
+    return {
+        **alloc.predicted(),
+        "fp32_bytes": int(alloc.fp32_bytes), "fp32_latency_ms": round(alloc.fp32_latency_ms, 5),
+        "cost_source": src() if callable(src) else "",
+        "sensitivity": {"value": _sig(alloc.sensitivity), "metric": sens.metric, "samples": sens.samples,
+                        "seconds": round(sens.seconds, 2), "batched": sens.batched},
+    }
+
+
+def _layer_plan(lay: Layer, caps: TargetCapabilities, sens: Sensitivity, ranges: dict, alloc: Allocation,
+                outputs: set[str], consts: set[str]) -> LayerPlan:
+    p = alloc.precisions.get(lay.name, FP32)
+    menu = caps.layer_menu(lay)
+    costs = {q: caps.cost_model.cost(lay, q).to_json() for q in menu}
+    activations = {}
+    if any(q in STATIC_PRECISIONS for q in menu):
+        tens = [t for t in needed_tensors(lay, outputs) if t not in consts and t in ranges]
+        activations = {"method": caps.activations.method, "symmetric": caps.activations.symmetric,
+                       "ranges": {t: range_json(*ranges[t], caps.activations.method, caps.activations.symmetric) for t in tens}}
+    return LayerPlan(
+        name=lay.name, nodes=lay.nodes, op=lay.op, precision=p, module=lay.module,
+        weights=_weight_scheme(p, caps), activations=activations,
+        sensitivity={q: _sig(v) for q, v in sens.values.get(lay.name, {}).items()},
+        cost=costs, reason=_reason(lay, p, menu, caps, sens),
+    )
+
+
+def _sig(v: float) -> float:
+    """Four significant digits: sensitivities span many decades."""
+    return float(f"{v:.4g}")
+
+
+def _weight_scheme(p: str, caps: TargetCapabilities) -> dict:
+    n = caps.numerics.get(p)
+    if n is None or n.weight == "none":
+        return {"scheme": "fp32"}
+    if n.weight == "int8_channel":
+        return {"scheme": "int8_per_channel_symmetric", "bits": 8}
+    if n.weight == "int4_block":
+        return {"scheme": "int4_block" + ("_symmetric" if n.weight_symmetric else "_zero_point"), "bits": 4,
+                "block_size": n.block_size}
+    return {"scheme": n.weight}
+
+
+def _reason(lay: Layer, p: str, menu: tuple[str, ...], caps: TargetCapabilities, sens: Sensitivity) -> str:
+    if lay.op in caps.reasons and len(menu) == 1:
+        return caps.reasons[lay.op]
+    if len(menu) == 1:
+        return f"{caps.target} runs {lay.op} only at {menu[0]}"
+    skipped = sens.skipped.get(lay.name, {})
+    if skipped and p == FP32:
+        q, why = next(iter(skipped.items()))
+        return f"kept fp32: {q} skipped ({why})"
+    s = sens.values.get(lay.name, {}).get(p, 0.0)
+    return f"allocated: {p} (sensitivity {s:.3g}) is the cheapest choice within the budget"

@@ -1,0 +1,104 @@
+"""Make a model ready for quantised lowering: unique node names, opset >= 13.
+
+Both steps are deterministic, so a plan made on one run names the same nodes
+as the build on the next. Quantised graphs need opset 13 (per-channel
+DequantizeLinear); older models are upgraded with onnx's version converter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from dscompile.errors import InputError
+
+MIN_OPSET = 13
+
+
+def onnx_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed or duplicate node a stable name ``<op>_<index>`` (in place)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name
+        if not name or name in seen:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            node.name = name
+        seen.add(name)
+    return model
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int = MIN_OPSET) -> onnx.ModelProto:
+    if onnx_opset(model) >= version:
+        return model
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(model, version)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot upgrade the model from opset {onnx_opset(model)} to {version}: {text}") from None
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold inference BatchNormalization into the Conv before it (in place).
+
+    Runtimes do this themselves only while the weight is a constant; once a
+    weight is quantised (DequantizeLinear in front) they cannot, and the
+    BatchNormalization between Conv and QuantizeLinear would block the integer
+    kernel. Folding first keeps the arithmetic identical and the pattern fusable.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    users: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    by_input = {n.input[0]: n for n in g.node if n.op_type == "BatchNormalization" and n.input}
+    drop = set()
+    for conv in g.node:
+        bn = by_input.get(conv.output[0]) if conv.op_type == "Conv" and conv.output else None
+        if bn is None or users.get(conv.output[0]) != 1 or conv.output[0] in outputs or len(bn.output) != 1:
+            continue
+        params = [inits.get(x) for x in bn.input[1:5]]
+        w = inits.get(conv.input[1]) if len(conv.input) > 1 else None
+        b = inits.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        if w is None or any(p is None for p in params) or users.get(conv.input[1]) != 1:
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        k = gamma / np.sqrt(var + eps)
+        wa = numpy_helper.to_array(w).astype(np.float64)
+        ba = numpy_helper.to_array(b).astype(np.float64) if b is not None else np.zeros(wa.shape[0])
+        new_w = numpy_helper.from_array((wa * k.reshape(-1, *[1] * (wa.ndim - 1))).astype(np.float32), f"{conv.name}_W_bnfold")
+        new_b = numpy_helper.from_array(((ba - mean) * k + beta).astype(np.float32), f"{conv.name}_B_bnfold")
+        g.initializer.extend([new_w, new_b])
+        del conv.input[1:]
+        conv.input.extend([new_w.name, new_b.name])
+        conv.output[0] = bn.output[0]
+        drop.add(bn.name or id(bn))
+    if drop:
+        keep = [n for n in g.node if (n.name or id(n)) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        used = {i for n in g.node for i in n.input}
+        used |= outputs | {i.name for i in g.input}
+        keep_init = [t for t in g.initializer if t.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep_init)
+    return model
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with opset >= 13, unique node names and BatchNormalization folded into convolutions."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out = upgrade_opset(out)
+    return fold_batchnorm(name_nodes(out))

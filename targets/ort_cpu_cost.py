@@ -1,0 +1,195 @@
+"""ort-cpu cost model: weight bytes per layer and precision, plus latency.
+
+Latency on this machine is *measured*: for each precision, the model with every
+layer that can take it lowered to it runs under onnxruntime's profiler, and
+each kernel's time is attributed to the layer that owns the node (fused nodes
+keep their anchor's name; Q/DQ nodes are named after the tensor they quantise
+and charged to the layer reading it). For another CPU (``--device``) latency is
+*estimated* from its profile: max(2 x MACs / peak ops at the precision, weight
+bytes / memory bandwidth), from the figures peak_fp32_tflops, peak_int8_tops and
+mem_bandwidth_gbps of profiles/devices/<device>.toml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from dscompile.compiler import qdq
+from dscompile.compiler.capabilities import (
+    FP16,
+    FP32,
+    INT4_WEIGHT,
+    INT8,
+    INT8_DYNAMIC,
+    WEIGHT_BITS,
+    Cost,
+    Layer,
+)
+from dscompile.compiler.graph import graph_inputs
+from dscompile.compiler.onnx_io import new_session
+from dscompile.compiler.samples import synthetic_feeds
+
+log = logging.getLogger("dscompile")
+PROFILE_RUNS = 30
+# Figures an estimate reads from a CPU's device profile (profiles/devices/*.toml).
+# (figure, multiplier to ops/s or bytes/s); weight-only and fp16-stored layers compute in fp32 on a CPU.
+PEAK_FIGURE = {FP32: ("peak_fp32_tflops", 1e12), FP16: ("peak_fp32_tflops", 1e12), INT8: ("peak_int8_tops", 1e12),
+               INT8_DYNAMIC: ("peak_int8_tops", 1e12), INT4_WEIGHT: ("peak_fp32_tflops", 1e12)}
+BANDWIDTH_FIGURE = ("mem_bandwidth_gbps", 1e9)
+
+
+def weight_bytes(layer: Layer, precision: str, sizes: dict[str, int], channels: int, block: int = 32) -> int:
+    """Bytes of the layer's main weight at ``precision`` with its scales, plus its other tensors at fp32."""
+    if not layer.weights:
+        return 0
+    main = sizes.get(layer.weights[0], 0)
+    rest = sum(sizes.get(w, 0) for w in layer.weights[1:]) * 4
+    if precision in (INT8, INT8_DYNAMIC):
+        return main + 4 * channels + rest
+    if precision == INT4_WEIGHT:
+        blocks = -(-main // block)
+        return (main + 1) // 2 + blocks * 4 + (blocks + 1) // 2 + rest
+    return main * WEIGHT_BITS.get(precision, 32) // 8 + rest
+
+
+class OrtCpuCost:
+    """Cost of a layer at a precision: bytes always; latency measured here or estimated from a profile."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], menus: dict[str, tuple[str, ...]],
+                 lower, device: str, profile=None, threads: int | None = None, inputs=None) -> None:
+        self.model, self.layers, self.menus, self.lower = model, layers, menus, lower
+        self.device, self.profile, self.threads = device, profile, threads
+        self.inputs = inputs or graph_inputs(model)  # the user's shapes where the model's are dynamic
+        self.sizes = {t.name: int(np.prod(t.dims)) if t.dims else 1 for t in model.graph.initializer}
+        self.dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        self.nodes = {n.name: n for n in model.graph.node}
+        self._latency: dict[str, dict[str, float]] | None = None
+        self._overhead = 0.0
+        self.source = ""
+
+    def cost(self, layer: Layer, precision: str) -> Cost:
+        nbytes = weight_bytes(layer, precision, self.sizes, self._channels(layer))
+        if self.profile is not None:
+            return Cost(nbytes, self._estimate(layer, precision, nbytes), "estimated", self.source_text())
+        lat = self.measured().get(precision, {}).get(layer.name)
+        if lat is None:
+            lat = self.measured().get(FP32, {}).get(layer.name, 0.0)
+        return Cost(nbytes, round(lat, 5), "measured", self.source_text())
+
+    def _channels(self, layer: Layer) -> int:
+        dims = self.dims.get(layer.weights[0], ()) if layer.weights else ()
+        node = self.nodes.get(layer.nodes[0])
+        if not dims or node is None:
+            return 1
+        return int(dims[qdq.channel_axis(node, len(dims)) % len(dims)])
+
+    def source_text(self) -> str:
+        if self.profile is not None:
+            return (f"roofline from {Path(self.profile.file).name} ({self.profile.name}: theoretical peaks "
+                    f"{', '.join(sorted({k for k, _ in PEAK_FIGURE.values()}))}, {BANDWIDTH_FIGURE[0]})")
+        from dscompile.compiler.runtime import ort_version
+        from dscompile.profiles.host import host_label
+
+        return f"onnxruntime {ort_version()} profiler on {host_label()}"
+
+    def _estimate(self, layer: Layer, precision: str, nbytes: int) -> float:
+        key, unit = PEAK_FIGURE.get(precision, PEAK_FIGURE[FP32])
+        peak = self.profile.value(key) * unit
+        bw = self.profile.value(BANDWIDTH_FIGURE[0]) * BANDWIDTH_FIGURE[1]
+        return float(f"{max(2.0 * layer.macs / peak, nbytes / bw) * 1e3:.6g}")
+
+    def overhead_ms(self) -> float:
+        """Measured time of the nodes no layer owns (fp32 everywhere); 0 for estimates."""
+        if self.profile is not None:
+            return 0.0
+        self.measured()
+        return self._overhead
+
+    def measured(self) -> dict[str, dict[str, float]]:
+        if self._latency is None:
+            self._latency = self._profile_all()
+        return self._latency
+
+    def _profile_all(self) -> dict[str, dict[str, float]]:
+        precisions = sorted({p for ps in self.menus.values() for p in ps} - {FP16})
+        feed = synthetic_feeds(self.inputs, 1, 0, self.model)[0]
+        owners = self._owners()
+        out: dict[str, dict[str, float]] = {}
+        for p in precisions:
+            assign = {lay.name: p for lay in self.layers if p in self.menus.get(lay.name, ())}
+            try:
+                times = _profile(self.lower(assign), feed, self.threads)
+                out[p] = _attribute(times, owners)
+                if p == FP32:
+                    self._overhead = max(0.0, sum(times.values()) - sum(out[p].values()))
+            except Exception as exc:  # a precision that fails to build here is simply not measured
+                log.warning("cost: could not profile %s on this machine (%s); its latency counts as fp32's",
+                            p, " ".join(str(exc).split())[:160])
+        return out
+
+    def _owners(self) -> dict[str, str]:
+        """Node or tensor name -> layer that pays for it."""
+        owners: dict[str, str] = {}
+        for lay in self.layers:
+            for n in lay.nodes:
+                owners[n] = lay.name
+            for t in (*lay.inputs, *lay.outputs, *lay.weights):
+                owners.setdefault(t, lay.name)
+        return owners
+
+
+def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[str, float]:
+    """Mean kernel time (ms) per optimised node name over PROFILE_RUNS runs."""
+
+    from dscompile.compiler.runtime import session_options
+
+    runs = 3 + PROFILE_RUNS
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.enable_profiling = True
+        so.log_severity_level = 4  # a precision that fails to run is logged by us, not printed by onnxruntime
+        so.profile_file_prefix = os.path.join(tmp, "profile")
+        sess = new_session(model, so)
+        names = {i.name for i in sess.get_inputs()}
+        f = {k: v for k, v in feed.items() if k in names}
+        for _ in range(runs):
+            sess.run(None, f)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    times: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            name = e["name"][: -len("_kernel_time")]
+            times[name] = times.get(name, 0.0) + e.get("dur", 0) / 1e3 / runs
+    return times
+
+
+def _attribute(times: dict[str, float], owners: dict[str, str]) -> dict[str, float]:
+    """Per-layer ms from per-node ms; names onnxruntime rewrote are matched by known prefixes."""
+    per_layer: dict[str, float] = {}
+    known = sorted(owners, key=len, reverse=True)
+    for name, ms in times.items():
+        layer = _owner(name, owners, known)
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0.0) + ms
+    return per_layer
+
+
+def _owner(name: str, owners: dict[str, str], known: list[str]) -> str | None:
+    clean = name.removeprefix("fused ")
+    if clean in owners:
+        return owners[clean]
+    for suffix in ("_QuantizeLinear", "_DequantizeLinear", "_nchwc"):
+        base = clean.split(suffix)[0]
+        if base != clean and base in owners:
+            return owners[base]
+    for k in known:  # "<node>_token_3", "<node>/MatMulScaleFusion/", "<gemm>_6"
+        if clean.startswith(k) and len(clean) > len(k) and clean[len(k)] in "_/ ":
+            return owners[k]
+    return None

@@ -1,0 +1,75 @@
+"""The plan this target lowers when no DMPQ plan is given, and the target's precision menu.
+
+With a calibration table and no plan: INT8 wherever the menu allows it and TensorRT has a fast
+INT8 kernel for the layer (Model Optimizer's small-channel and small-GEMM rules, as data in
+rules/tensorrt_qdq.toml), FP16 elsewhere. With neither: FP16 layers (TensorRT strongly typed
+builds run exactly the precisions in the graph, so FP16 has to be written into it).
+"""
+
+from __future__ import annotations
+
+from onnx import numpy_helper
+
+from dscompile.calibration.table import CalibrationTable
+from dscompile.compiler.capabilities import FP16, FP32, INT4_WEIGHT, INT8, Layer, PrecisionMenu
+from dscompile.compiler.graph import ModelGraph, static_shapes
+from dscompile.compiler.layers import ACT_MATMUL, GraphIndex, find_layers, layer_weight
+from dscompile.compiler.plan import LayerPlan, QuantPlan
+from dscompile.targets.tensorrt_rules import _attr, conv_int8_unfit, gemm_int8_unfit
+
+_GEMM = (FP32, FP16, INT8, INT4_WEIGHT)
+_Q = (FP32, FP16, INT8)
+MENU = PrecisionMenu(
+    by_op={
+        "Conv": _Q, "ConvTranspose": _Q, "MatMul": _GEMM, "Gemm": _GEMM, ACT_MATMUL: _Q,
+        # Element-wise and pooling ops TensorRT fuses with Q/DQ (residual Add, Concat, pooling).
+        "Add": _Q, "Concat": _Q, "MaxPool": _Q, "AveragePool": _Q, "GlobalAveragePool": _Q,
+        "If": (FP32,), "Loop": (FP32,), "Scan": (FP32,),
+    },
+    default=(FP32, FP16),
+)
+# INT8 on these only where a quantized neighbour makes TensorRT fuse them (placement decides).
+_INT8_BY_DEFAULT = ("Conv", "ConvTranspose", "MatMul", "Gemm", ACT_MATMUL, "Add", "Concat", "MaxPool", "AveragePool",
+                    "GlobalAveragePool")
+
+
+def int8_unfit(layer: Layer, graph: ModelGraph, index: GraphIndex, shapes: dict) -> str:
+    """Why TensorRT would run this layer slower in INT8 than in FP16 ('' if it would not)."""
+    anchor = next(n for n in graph.model.graph.node if n.name == layer.nodes[0])
+    if layer.op == "Conv" and (w := layer_weight(layer)) and w in index.initializers:
+        shape = tuple(numpy_helper.to_array(index.initializers[w]).shape)
+        first = anchor.input[0] in {i.name for i in graph.model.graph.input}
+        if len(shape) >= 3 and conv_int8_unfit(shape, _attr(anchor, "group", 1), first):
+            return f"{shape[1]}->{shape[0]} channel conv has no fast INT8 kernel on TensorRT (rule int8_conv_small_channels)"
+    if layer.op in ("MatMul", "Gemm", ACT_MATMUL):
+        detail = gemm_int8_unfit(anchor, shapes)
+        if detail:
+            return f"GEMM {detail} has no INT8 Tensor Core kernel on TensorRT (rule int8_gemm_small)"
+    return ""
+
+
+def default_plan(graph: ModelGraph, table: CalibrationTable | None, target: str, device: str) -> QuantPlan:
+    index = GraphIndex.of(graph.model)
+    shapes = static_shapes(graph.model)
+    layers = []
+    for layer in find_layers(graph):
+        precision, reason = _choose(layer, graph, table, index, shapes)
+        layers.append(LayerPlan(layer.name, layer.nodes, layer.op, precision, layer.module, reason=reason))
+    how = "calibrated INT8 where TensorRT has INT8 kernels" if table else "FP16 (no calibration data)"
+    return QuantPlan(target, graph.sha256, tuple(layers), budget={"default": how}, device=device)
+
+
+def _choose(layer: Layer, graph: ModelGraph, table: CalibrationTable | None, index: GraphIndex, shapes: dict) -> tuple[str, str]:
+    menu = MENU.for_op(layer.op)
+    fallback = FP16 if FP16 in menu else FP32
+    if table is None:
+        return fallback, "no calibration data and no plan: FP16 where the menu allows"
+    if INT8 not in menu or layer.op not in _INT8_BY_DEFAULT:
+        return FP32, "no plan: left as it is (TensorRT fuses Q/DQ into the layers around it)"
+    missing = [t for t in layer.inputs if t not in table.tensors]
+    if missing:
+        return fallback, f"no calibration range for {missing[0]!r}"
+    why = int8_unfit(layer, graph, index, shapes)
+    if why:
+        return fallback, why
+    return INT8, "no plan: calibrated INT8"

@@ -1,0 +1,178 @@
+"""From a plan over ONNX layers to a precision per TFLite op, with the ranges each needs.
+
+A TFLite op belongs to the plan layer whose ONNX node produced the tensor it
+outputs (by the verified tensor map); a weight op whose output has no ONNX
+twin (a matmul before a separate bias add) joins the layer of its consumer.
+Ops in no layer (reshapes, transposes, pooling, softmax...) are "glue": they
+are quantized with a statically quantized neighbour when every tensor they
+touch has a calibrated range, so an int8 graph stays integer between layers
+instead of bouncing through float. An op whose tensors have no range at all
+(the inside of a decomposed LayerNorm: no ONNX tensor carries those values)
+stays float, and the report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+
+from dscompile.compiler.capabilities import FP32, INT8, INT16X8
+from dscompile.targets.tflite_flatbuffer import TflGraph, TflOp
+from dscompile.targets.tflite_tensor_map import TensorMap
+
+Range = tuple[float, float]
+STATIC = (INT8, INT16X8)
+# Ops whose outputs hold values of their (first) input only: ranges carry across them both ways.
+RANGE_PRESERVING = {
+    "RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS", "STRIDED_SLICE", "SLICE", "GATHER", "GATHER_ND",
+    "MAX_POOL_2D", "SPLIT", "SPLIT_V", "PACK", "UNPACK", "CONCATENATION", "DEPTH_TO_SPACE",
+    "SPACE_TO_DEPTH", "RESIZE_NEAREST_NEIGHBOR", "BROADCAST_TO", "TILE",
+}
+WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL", "EMBEDDING_LOOKUP"}
+
+
+@dataclass(frozen=True)
+class OpAssignment:
+    precision: dict[int, str]  # TFLite op index -> precision (every op; fp32 = left float)
+    layer: dict[int, str]  # TFLite op index -> plan layer name ("" for glue)
+    ranges: dict[str, Range]  # TFLite tensor -> [lo, hi] for every statically quantized op's tensors
+    symmetric: dict[int, bool]  # op index -> symmetric activations
+    kept_float: list[dict[str, object]] = field(default_factory=list)  # static wanted, no range
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.precision.values():
+            out[p] = out.get(p, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def _float_acts(graph: TflGraph, op: TflOp) -> list[str]:
+    t = graph.tensors
+    ids = [i for i in op.inputs if i >= 0 and not t[i].constant] + [i for i in op.outputs if i >= 0]
+    return [t[i].name for i in ids if t[i].dtype == "float32"]
+
+
+def _has_weight(graph: TflGraph, op: TflOp) -> bool:
+    return op.name in WEIGHT_OPS and any(
+        i >= 0 and graph.tensors[i].constant and len(graph.tensors[i].shape) >= 2 for i in op.inputs
+    )
+
+
+def op_layers(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str]) -> dict[int, str]:
+    """TFLite op -> plan layer, by the ONNX producers of the tensors it outputs."""
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    out: dict[int, str] = {}
+    for op in graph.ops:
+        hits = [node_layer.get(producer.get(o, ""), "") for i in op.outputs if i >= 0
+                for o in tmap.tflite_to_onnx.get(graph.tensors[i].name, ())]
+        hits = [h for h in hits if h]
+        out[op.index] = hits[0] if hits else ""
+    consumers = graph.consumers()
+    for op in graph.ops:  # weight ops with no ONNX twin join their single consumer's layer
+        if out[op.index] or not _has_weight(graph, op) or len(op.outputs) != 1:
+            continue
+        users = consumers.get(op.outputs[0], [])
+        if len(users) == 1 and out.get(users[0].index):
+            out[op.index] = out[users[0].index]
+    return out
+
+
+def propagate_ranges(graph: TflGraph, known: dict[str, Range]) -> dict[str, Range]:
+    """Carry ranges across range-preserving ops (both directions) until nothing changes."""
+    ranges = dict(known)
+    t = graph.tensors
+    for _ in range(len(graph.ops) + 1):
+        changed = False
+        for op in graph.ops:
+            if op.name not in RANGE_PRESERVING:
+                continue
+            data = [t[i].name for i in op.inputs if i >= 0 and not t[i].constant and t[i].dtype == "float32"]
+            data = data if op.name == "CONCATENATION" or op.name == "PACK" else data[:1]
+            outs = [t[i].name for i in op.outputs if i >= 0 and t[i].dtype == "float32"]
+            if data and all(d in ranges for d in data):
+                merged = (min(ranges[d][0] for d in data), max(ranges[d][1] for d in data))
+                for o in outs:
+                    if o not in ranges:
+                        ranges[o], changed = merged, True
+            src = next((ranges[o] for o in outs if o in ranges), None)
+            if src is not None and len(data) == 1 and data[0] not in ranges:
+                ranges[data[0]], changed = src, True
+        if not changed:
+            break
+    return ranges
+
+
+def assign_ops(
+    graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str],
+    layer_precision: Mapping[str, str], onnx_range: Callable[[str], Range | None],
+    symmetric_layers: Mapping[str, bool] = {},
+) -> OpAssignment:
+    """The precision of every TFLite op under a plan, and the ranges of its tensors."""
+    layer_of = op_layers(graph, tmap, model, node_layer)
+    known = {}
+    for tname, onames in tmap.tflite_to_onnx.items():
+        found = next((r for r in map(onnx_range, onames) if r is not None), None)
+        if found is not None:
+            known[tname] = found
+    ranges = propagate_ranges(graph, known)
+    precision: dict[int, str] = {}
+    kept: list[dict[str, object]] = []
+    for op in graph.ops:
+        lay = layer_of[op.index]
+        p = layer_precision.get(lay, FP32) if lay else FP32
+        if p in STATIC:
+            missing = [n for n in _float_acts(graph, op) if n not in ranges]
+            if missing:
+                kept.append({"op": op.name, "index": op.index, "layer": lay, "wanted": p, "no_range_for": missing[0]})
+                p = FP32
+        elif p != FP32 and not _has_weight(graph, op):
+            p = FP32  # weight precisions change weights; this op of the layer has none
+        precision[op.index] = p
+    _glue(graph, layer_of, precision, ranges)
+    kept.extend(_float_glue(graph, layer_of, precision, ranges))
+    used = {n for op in graph.ops if precision[op.index] in STATIC for n in _float_acts(graph, op)}
+    symmetric = {i: precision[i] == INT16X8 or symmetric_layers.get(layer_of[i], False) for i in precision}
+    return OpAssignment(precision, layer_of, {n: ranges[n] for n in used}, symmetric, kept)
+
+
+def _float_glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str],
+                ranges: dict[str, Range]) -> list[dict[str, object]]:
+    """Glue ops left float next to a quantized op because a tensor of theirs has no range."""
+    producer, consumers = graph.producer(), graph.consumers()
+    out = []
+    for op in graph.ops:
+        if layer_of[op.index] or precision[op.index] != FP32:
+            continue
+        near = [producer[i] for i in op.inputs if i in producer] + [c for i in op.outputs for c in consumers.get(i, [])]
+        wanted = next((precision[n.index] for n in near if precision[n.index] in STATIC), None)
+        missing = [a for a in _float_acts(graph, op) if a not in ranges]
+        if wanted and missing:
+            out.append({"op": op.name, "index": op.index, "layer": "", "wanted": wanted, "no_range_for": missing[0]})
+    return out
+
+
+def _glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str], ranges: dict[str, Range]) -> None:
+    """Quantize glue ops next to static ops (fixpoint), when all their tensors have ranges."""
+    producer, consumers = graph.producer(), graph.consumers()
+
+    def neighbours(op: TflOp) -> list[TflOp]:
+        ups = [producer[i] for i in op.inputs if i in producer]
+        downs = [c for i in op.outputs for c in consumers.get(i, [])]
+        return ups + downs
+
+    for _ in range(len(graph.ops)):
+        changed = False
+        for op in graph.ops:
+            if layer_of[op.index] or precision[op.index] != FP32 or op.name in ("QUANTIZE", "DEQUANTIZE"):
+                continue
+            acts = _float_acts(graph, op)
+            if not acts or any(a not in ranges for a in acts):
+                continue
+            near = [precision[n.index] for n in neighbours(op) if precision[n.index] in STATIC]
+            if near:
+                precision[op.index] = INT16X8 if INT16X8 in near and INT8 not in near else near[0]
+                changed = True
+        if not changed:
+            break

@@ -1,0 +1,167 @@
+"""DMPQ end to end through the CLI on the trained zoo: plan, hand edits, build, repair, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, digits) -> Path:
+    d = tmp_path_factory.mktemp("dmpq")
+    np.save(d / "digits.npy", digits.calib[:200])
+    return d
+
+
+@pytest.fixture(scope="module")
+def digits_plan(cli, work, digits) -> dict:
+    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--min-fidelity", "top1=0.99",
+            "--plots", work / "plots", "-o", work / "plan.json", "-q")
+    assert r.returncode == 0, r.stderr
+    return json.loads((work / "plan.json").read_text())
+
+
+def _one_error(r, pattern: str) -> None:
+    """Non-zero exit and one error line (a calibration warning about thin data may precede it)."""
+    assert r.returncode != 0
+    errors = [line for line in r.stderr_lines if not line.startswith("warning:")]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("dscompile: error:"), r.stderr
+    assert pattern in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_plan_json_is_complete_and_plots_are_written(digits_plan, work):
+    plan = digits_plan
+    assert plan["format"] == "dscompile-plan/1" and plan["target"] == "ort-cpu" and plan["sensitivity_metric"] == "kl"
+    ops = {lp["op"] for lp in plan["layers"]}
+    assert {"Conv", "Gemm", "MaxPool"} <= ops
+    conv = next(lp for lp in plan["layers"] if lp["op"] == "Conv")
+    assert set(conv["sensitivity"]) == {"fp32", "int8"} and set(conv["cost"]) == {"fp32", "int8"}
+    assert conv["cost"]["int8"]["kind"] == "measured" and "onnxruntime" in conv["cost"]["int8"]["source"]
+    assert conv["activations"]["method"] == "minmax" and conv["activations"]["ranges"]
+    assert plan["rounds"][0]["met"] is True and plan["predicted"]["size_ratio"] < 1
+    for png in ("sensitivity.png", "allocation.png"):
+        data = (work / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_hand_edited_plan_is_built_as_written(cli, work, digits, digits_plan, tmp_path):
+    plan = json.loads(json.dumps(digits_plan))
+    for lp in plan["layers"]:
+        lp["precision"] = "int8" if lp["op"] in ("Conv", "MaxPool") else "int8_dynamic"
+    plan["layers"][0]["precision"] = "fp32"  # the first conv stays float
+    (tmp_path / "edited.json").write_text(json.dumps(plan))
+    out = tmp_path / "q.onnx"
+    r = cli("build", digits.onnx, "--plan", tmp_path / "edited.json", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["precision"] == {"fp32": 1, "int8": 2, "int8_dynamic": 2}
+    assert report["fidelity"]["top1_agreement"] >= 0.9
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops[0] == "Conv" and ops.count("DynamicQuantizeMatMul") == 2 and "QuantizeLinear" in ops
+    assert report["plan_json"]["layers"][0]["precision"] == "fp32"  # the report carries the plan it built
+
+
+def test_compile_calib_plans_repairs_and_verifies_every_zoo_model(cli, work, digits, transformer, gru, tmp_path):
+    np.save(tmp_path / "seq.npy", transformer.calib[:160])
+    for zoo, data, goal in ((transformer, tmp_path / "seq.npy", "cosine=0.99"), (gru, tmp_path / "seq.npy", "top1=0.98")):
+        out = tmp_path / f"{zoo.name}.onnx"
+        r = cli("--target", "ort-cpu", zoo.onnx, "--calib", data, "--min-fidelity", goal, "-o", out, "--json", "-q")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["rounds"][-1]["met"] is True
+        assert report["fidelity"]["samples"] == 16  # held-out samples, not the calibration ones
+        if zoo is transformer:
+            assert set(report["precision"]) - {"fp32"}, report["precision"]  # something was quantised
+        else:
+            gru_layer = next(lp for lp in report["plan_json"]["layers"] if lp["op"] == "GRU")
+            assert gru_layer["precision"] == "fp32" and "GRU" in gru_layer["reason"]
+
+
+def test_repair_promotes_until_the_floor_holds(cli, work, digits, tmp_path):
+    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "size=0.2",
+            "--min-fidelity", "cosine=0.99999", "-o", tmp_path / "p.json", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    rounds = json.loads(r.stdout)["rounds"]
+    assert len(rounds) >= 2 and rounds[-1]["met"] and not rounds[0]["met"]
+    assert all(p["to"] != p["from"] for rd in rounds[1:] for p in rd["promoted"])
+
+
+# ---- bad input: one line on stderr, non-zero exit, nothing written
+
+
+def test_plan_for_another_model_is_refused(cli, digits_plan, transformer, work, tmp_path):
+    out = tmp_path / "x.onnx"
+    r = cli("build", transformer.onnx, "--plan", work / "plan.json", "-o", out)
+    _one_error(r, "plan was made for another model")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: p["layers"][0].update(precision="int4_weight"), "cannot run Conv at int4_weight"),
+    (lambda p: p["layers"][0].update(precision="int3"), "unknown precision 'int3'"),
+    (lambda p: p["layers"][1].update(name="no_such_layer"), "'no_such_layer' does not exist in the model"),
+])
+def test_bad_hand_edits_are_rejected_with_the_reason(cli, digits, digits_plan, tmp_path, edit, message):
+    plan = json.loads(json.dumps(digits_plan))
+    edit(plan)
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    r = cli("build", digits.onnx, "--plan", tmp_path / "p.json", "-o", tmp_path / "q.onnx")
+    _one_error(r, message)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_missing_ranges_name_the_tensor(cli, digits, digits_plan, tmp_path):
+    plan = json.loads(json.dumps(digits_plan))
+    conv = next(lp for lp in plan["layers"] if lp["op"] == "Conv")
+    conv["precision"], conv["activations"] = "int8", {"method": "minmax"}
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    table = {"format": "dscompile-calibration/1", "model_sha256": plan["model_sha256"], "data_sha256": "0",
+             "samples": 1, "tensors": {}}
+    (tmp_path / "calib.json").write_text(json.dumps(table))
+    r = cli("build", digits.onnx, "--plan", tmp_path / "p.json", "--calib", tmp_path / "calib.json", "-o", tmp_path / "q.onnx", "-q")
+    _one_error(r, "but neither the plan nor the calibration table has a range for tensor")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_unreachable_budget_says_how_close_it_gets(cli, digits, work, tmp_path):
+    r = cli("--target", "ort-cpu", digits.onnx, "--calib", work / "digits.npy", "--budget", "size=0.01",
+            "-o", tmp_path / "q.onnx", "-q")
+    _one_error(r, "budget size=0.01 cannot be met: the smallest reachable is")
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_numeric_outputs_are_refused(cli, tmp_path):
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["s"], name="mm"),
+                           helper.make_node("ArgMax", ["s"], ["y"], name="am", axis=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 1])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    r = cli("--target", "ort-cpu", tmp_path / "m.onnx", "--calib", tmp_path / "d.npy", "-o", out, "-q")
+    _one_error(r, "is int64, not a number")
+    assert not out.exists()
+
+
+def test_variable_length_inputs_plan_and_verify(cli, gru, tmp_path):
+    data = tmp_path / "varlen"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        np.savez(data / f"{i:03d}.npz", ids=rng.integers(0, 12, (1, int(rng.integers(6, 17)))).astype(np.int64))
+    out = tmp_path / "gru_var.onnx"
+    r = cli("--target", "ort-cpu", gru.torchscript, "--input-shape", "ids:1x16:int64", "--dynamic", "ids:1",
+            "--calib", data, "-o", out, "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["inputs"][0]["shape"][1] == "ids_dim1"
+    assert report["plan"]["predicted"]["sensitivity"]["batched"] is False  # lengths differ: one sample per run
+    assert report["fidelity"]["top1_agreement"] >= 0.99 and report["rounds"][-1]["met"]

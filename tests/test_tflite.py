@@ -1,0 +1,326 @@
+"""Snapdragon target on the zoo: verified .tflite at fp32, int8, int16x8, fp16, dynamic, int4 and mixed.
+
+Every artifact is run by the real LiteRT interpreter on the zoo's held-out
+data and scored against the task labels and the FP32 ONNX model. onnx2tf
+conversions are slow, so the float conversion of each model is made once
+per session (the target's own in-memory cache) and every precision reuses it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+pytest.importorskip("onnx2tf")
+
+from dscompile.calibration.collect import calibrate  # noqa: E402
+from dscompile.compiler.capabilities import FP16, FP32, INT4_WEIGHT, INT8, INT8_DYNAMIC, INT16X8  # noqa: E402
+from dscompile.compiler.ingest import ingest  # noqa: E402
+from dscompile.compiler.layers import find_layers  # noqa: E402
+from dscompile.compiler.plan import LayerPlan, QuantPlan  # noqa: E402
+from dscompile.errors import InputError, VerificationError  # noqa: E402
+from dscompile.planning import PlanSettings, calibration_tensors, plan_for  # noqa: E402
+from dscompile.profiles.litert_runner import read_io_map  # noqa: E402
+from dscompile.profiles.runners import OrtRunner  # noqa: E402
+from dscompile.targets.base import BuildOptions, get_target  # noqa: E402
+from dscompile.targets.tflite_lower import float_build, prepared  # noqa: E402
+
+DEVICE = "snapdragon-8-gen3"
+
+
+@pytest.fixture(scope="session")
+def target():
+    return get_target("snapdragon")
+
+
+class Case:
+    """A zoo model ingested, calibrated with dscompile's calibrator, and its FP32 accuracy."""
+
+    def __init__(self, zm) -> None:
+        self.zm = zm
+        self.graph = ingest(zm.onnx).graph
+        self.input = self.graph.inputs[0].name
+        feeds = [{self.input: zm.calib[i:i + 1]} for i in range(min(len(zm.calib), 256))]
+        self.table = calibrate(self.graph.model, feeds, model_sha256=self.graph.sha256, data_sha256="zoo",
+                               tensors=calibration_tensors(self.graph), progress=False)
+        self.feeds = feeds
+        self.test = [{self.input: zm.test_x[i:i + 1]} for i in range(len(zm.test_x))]
+        ref = OrtRunner(self.graph.model)
+        self.ref_pred = np.array([ref.run(f)[0].argmax() for f in self.test])
+        self.fp32_acc = float((self.ref_pred == zm.test_y).mean())
+
+    def score(self, runner) -> tuple[float, float]:
+        """(task accuracy, top-1 agreement with the FP32 ONNX model) on the held-out set."""
+        pred = np.array([runner.run(f)[0].argmax() for f in self.test])
+        return float((pred == self.zm.test_y).mean()), float((pred == self.ref_pred).mean())
+
+
+@pytest.fixture(scope="session")
+def digits_case(digits):
+    return Case(digits)
+
+
+@pytest.fixture(scope="session")
+def transformer_case(transformer):
+    return Case(transformer)
+
+
+def uniform_plan(target, case: Case, precision: str, only: tuple[str, ...] = ()) -> QuantPlan:
+    """Every layer (or every layer of the ``only`` ops) at ``precision`` where the menu allows it."""
+    g = prepared(case.graph)
+    caps = target.capabilities(g, DEVICE)
+    layers = []
+    for lay in find_layers(g):
+        want = precision if (not only or lay.op in only) and precision in caps.layer_menu(lay, include_forced=True) else FP32
+        layers.append(LayerPlan(lay.name, lay.nodes, lay.op, want, activations={"method": "minmax", "symmetric": False}))
+    return QuantPlan("snapdragon", case.graph.sha256, tuple(layers), device=DEVICE)
+
+
+def mixed(base: QuantPlan, overrides: dict[str, str]) -> QuantPlan:
+    """``base`` with the layers of the given ops at other precisions."""
+    from dataclasses import replace
+
+    return replace(base, layers=tuple(replace(lp, precision=overrides.get(lp.op, lp.precision)) for lp in base.layers))
+
+
+def build(target, case: Case, plan, table, tmp_path, name: str = "m"):
+    stage = tmp_path / name
+    stage.mkdir()
+    art = target.lower(case.graph, plan, table, stage, BuildOptions(device=DEVICE))
+    return art, target.runner(art)
+
+
+def precisions_of(art, op: str) -> set[str]:
+    return {row["precision"] for row in art.notes["hexagon"]["table"] if row["op"] == op}
+
+
+# ---------------------------------------------------------------- digits CNN
+
+
+def test_digits_fp32_verified_and_mapped(target, digits_case, tmp_path):
+    art, runner = build(target, digits_case, None, None, tmp_path)
+    acc, agree = digits_case.score(runner)
+    assert agree == 1.0 and acc == digits_case.fp32_acc
+    fb = float_build(prepared(digits_case.graph))
+    io = read_io_map(art.primary_path.read_bytes())
+    assert io == fb.tmap.io and io.inputs[0].perm == (0, 2, 3, 1)  # NCHW ONNX input -> NHWC TFLite input
+    # the verified map pairs the ONNX input and output with TFLite tensors of the same values
+    assert {"x", digits_case.graph.outputs[0].name} <= set(fb.tmap.onnx_to_tflite)
+    assert art.notes["tflite"]["tensor_map"]["float_output_max_abs_err"] < 1e-4
+    assert art.notes["hexagon"]["fully_on_npu"] and art.notes["tflite"]["network_attempts_refused"] == []
+
+
+@pytest.mark.parametrize("precision, conv, fc, max_drop", [
+    (INT8, INT8, INT8, 0.02),
+    (INT16X8, INT16X8, INT16X8, 0.01),
+    (FP16, FP16, FP16, 0.0),
+    (INT8_DYNAMIC, INT8_DYNAMIC, INT8_DYNAMIC, 0.02),
+])
+def test_digits_precisions(target, digits_case, tmp_path, precision, conv, fc, max_drop):
+    plan = uniform_plan(target, digits_case, precision)
+    art, runner = build(target, digits_case, plan, digits_case.table, tmp_path)
+    acc, agree = digits_case.score(runner)
+    assert acc >= digits_case.fp32_acc - max_drop, (precision, acc, digits_case.fp32_acc)
+    assert agree >= 0.97
+    assert precisions_of(art, "CONV_2D") == {conv} and precisions_of(art, "FULLY_CONNECTED") == {fc}
+    fp32_bytes = len(float_build(prepared(digits_case.graph)).float.model)
+    assert art.files[0].bytes < (0.6 if precision != INT16X8 else 0.7) * fp32_bytes
+    hexagon = art.notes["hexagon"]
+    if precision == INT8_DYNAMIC:  # hybrid kernels: the report lists them as CPU fallbacks
+        assert {f["op"] for f in hexagon["fallbacks"]} == {"CONV_2D", "FULLY_CONNECTED"}
+        assert all(f["unit"] == "CPU" and f["onnx"] for f in hexagon["fallbacks"])
+    else:
+        assert hexagon["fully_on_npu"], hexagon["fallbacks"]
+
+
+def test_digits_default_int8_from_table(target, digits_case, tmp_path):
+    """The plan without DMPQ: int8 wherever the menu allows; no plan at all builds fp32 (--fp32)."""
+    plan = target.default_plan(digits_case.graph, digits_case.table)
+    assert set(plan.precision_counts()) == {INT8}
+    art, runner = build(target, digits_case, plan, digits_case.table, tmp_path)
+    acc, _ = digits_case.score(runner)
+    assert acc >= digits_case.fp32_acc - 0.02
+    assert precisions_of(art, "CONV_2D") == {INT8} and art.notes["hexagon"]["fully_on_npu"]
+    art, _ = build(target, digits_case, None, digits_case.table, tmp_path, "fp32")
+    assert precisions_of(art, "CONV_2D") == {FP32}
+
+
+def test_digits_mixed_and_int4(target, digits_case, tmp_path):
+    plan = mixed(uniform_plan(target, digits_case, INT16X8), {"Gemm": INT4_WEIGHT, "MaxPool": INT8})
+    art, runner = build(target, digits_case, plan, digits_case.table, tmp_path)
+    acc, _ = digits_case.score(runner)
+    assert acc >= digits_case.fp32_acc - 0.02
+    assert precisions_of(art, "CONV_2D") == {INT16X8}
+    assert precisions_of(art, "FULLY_CONNECTED") == {INT4_WEIGHT}
+    assert precisions_of(art, "MAX_POOL_2D") == {INT8}
+
+
+def test_digits_dmpq_plan(target, digits_case, tmp_path):
+    plan, _ = plan_for(target, digits_case.graph, DEVICE, digits_case.table, digits_case.feeds[:16], (),
+                       PlanSettings(show_progress=False))
+    art, runner = build(target, digits_case, plan, digits_case.table, tmp_path)
+    acc, _ = digits_case.score(runner)
+    assert acc >= digits_case.fp32_acc - 0.02
+    assert all(c["kind"] == "estimated" and "snapdragon-8-gen3" in c["source"]
+               for lp in plan.layers for c in lp.cost.values())
+    assert art.notes["hexagon"]["fully_on_npu"]  # the cost model keeps DMPQ on the NPU
+
+
+def test_tampered_conversion_names_first_diverging_tensor(digits_case):
+    """A .tflite that runs but disagrees with its source: the error names where it starts."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from dscompile.compiler.samples import synthetic_feeds
+    from dscompile.targets.tflite_tensor_map import build_map
+
+    g = prepared(digits_case.graph)
+    fb = float_build(g)
+    obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(fb.float.model))
+    second_conv = [op for op in fb.graph.ops if op.name == "CONV_2D"][1]
+    weight = fb.graph.tensors[second_conv.inputs[1]]
+    buf = obj.buffers[obj.subgraphs[0].tensors[weight.index].buffer]
+    buf.data = (-np.frombuffer(bytes(buf.data), np.float32)).astype(np.float32).view(np.uint8)
+    broken = bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
+    with pytest.raises(VerificationError, match=r"first diverging tensor: '\w+' \(output of ONNX node 'node_Conv_19', Conv\)"):
+        build_map(g.model, broken, synthetic_feeds(g.inputs, 2, 3, g.model), ("x",))
+
+
+# ---------------------------------------------------------------- transformer
+
+
+@pytest.mark.parametrize("precision", [INT8, INT16X8])
+def test_transformer_precisions(target, transformer_case, tmp_path, precision):
+    plan = uniform_plan(target, transformer_case, precision)
+    art, runner = build(target, transformer_case, plan, transformer_case.table, tmp_path)
+    acc, agree = transformer_case.score(runner)
+    assert acc >= transformer_case.fp32_acc - 0.03, (precision, acc)
+    assert precisions_of(art, "BATCH_MATMUL") == {precision}
+    tfl = art.notes["tflite"]
+    assert tfl["gelu_fused_to_builtin"] == 2 and precisions_of(art, "GELU") == {precision}
+    # the decomposed LayerNorm has no ONNX twins for its insides: they stay float, and the report says so
+    assert "MEAN" in {k["op"] for k in tfl["kept_float_no_range"]}
+    assert precisions_of(art, "RSQRT") == {FP32} and precisions_of(art, "SQUARED_DIFFERENCE") == {FP32}
+    assert all(f["precision"] in ("int64", "bool") for f in art.notes["hexagon"]["fallbacks"])  # only index math
+
+
+def test_transformer_mixed(target, transformer_case, tmp_path):
+    plan = mixed(uniform_plan(target, transformer_case, INT8), {"Gemm": INT16X8, "Mul": INT16X8})
+    art, runner = build(target, transformer_case, plan, transformer_case.table, tmp_path)
+    acc, _ = transformer_case.score(runner)
+    assert acc >= transformer_case.fp32_acc - 0.03
+    assert precisions_of(art, "FULLY_CONNECTED") == {INT16X8} and precisions_of(art, "BATCH_MATMUL") == {INT8}
+
+
+# ---------------------------------------------------------------- GRU
+
+
+def test_gru_converts_and_stays_fp32(target, gru, tmp_path):
+    case = Case(gru)
+    plan = target.default_plan(case.graph, case.table)
+    assert {lp.op: lp.precision for lp in plan.layers}["GRU"] == FP32
+    art, runner = build(target, case, plan, case.table, tmp_path)
+    acc, agree = case.score(runner)
+    assert agree >= 0.99 and acc >= case.fp32_acc - 0.01
+    assert "WHILE" in {f["op"] for f in art.notes["hexagon"]["fallbacks"]}
+    caps = target.capabilities(prepared(case.graph), DEVICE)
+    assert "WHILE loop" in caps.reasons["GRU"]
+
+
+# ---------------------------------------------------------------- bad input and the network
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
+                          opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def _graph(model, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return ingest(path).graph
+
+
+def test_op_without_tflite_equivalent_is_named(target, tmp_path):
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [1, 4])
+    like = numpy_helper.from_array(np.zeros([1], np.float16), "like")
+    g = _graph(_model([helper.make_node("CastLike", ["x", "like"], ["y"], name="to_half")], [x], [y], [like]), tmp_path)
+    with pytest.raises(InputError, match=r"ONNX node 'to_half' \(CastLike\) has no TFLite equivalent"):
+        target.lower(g, None, None, tmp_path, BuildOptions(device=DEVICE))
+
+
+def test_unsupported_inputs_are_refused(target, tmp_path):
+    x64 = helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [1, 4])
+    y64 = helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [1, 4])
+    g = _graph(_model([helper.make_node("Relu", ["x"], ["y"])], [x64], [y64]), tmp_path)
+    with pytest.raises(InputError, match=r"input 'x' is float64: a TFLite model takes"):
+        target.lower(g, None, None, tmp_path, BuildOptions(device=DEVICE))
+    xd = helper.make_tensor_value_info("img", onnx.TensorProto.FLOAT, [1, 3, "h", "w"])
+    yd = helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 3, "h", "w"])
+    g = _graph(_model([helper.make_node("Relu", ["img"], ["out"])], [xd], [yd]), tmp_path)
+    with pytest.raises(InputError, match=r"input 'img' has dynamic axis 2 .*--input-shape img:1x3xNxN"):
+        target.lower(g, None, None, tmp_path, BuildOptions(device=DEVICE))
+
+
+def test_conversion_never_touches_the_network(monkeypatch, tmp_path):
+    """An RGB-image model takes onnx2tf down its sample-download path: it must be served offline."""
+    import onnx2tf.onnx2tf as o2t
+
+    from dscompile.compiler.graph import graph_inputs
+    from dscompile.targets.tflite_convert import convert_onnx
+    from dscompile.targets.tflite_sandbox import NetworkBlocked, no_network
+
+    attempts = []
+
+    def tripwire(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError(f"network access: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", tripwire)
+    monkeypatch.setattr(socket, "create_connection", tripwire)
+    monkeypatch.setattr(socket, "getaddrinfo", tripwire)
+    served = []
+    real = o2t.download_test_image_data
+    monkeypatch.setattr(o2t, "download_test_image_data", lambda: served.append(1) or real())
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    x = helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 3, 16, 16])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 16, 16])
+    model = _model([helper.make_node("Conv", ["image", "w"], ["y"], pads=[1, 1, 1, 1])], [x], [y], [w])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.chdir(tmp_path)
+    ft = convert_onnx(model, graph_inputs(model))
+    assert served, "onnx2tf did not take its sample-data path: this test no longer covers the download"
+    assert ft.network_attempts == () and attempts == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left in the working folder
+    with no_network() as net, pytest.raises(NetworkBlocked):
+        socket.create_connection(("127.0.0.1", 9))
+    assert net.attempts and socket.create_connection is tripwire  # restored afterwards
+
+
+def test_cli_end_to_end(cli, digits, tmp_path):
+    """compile --calib on the digits data: plan, build, verify; the source file untouched, cwd clean."""
+    import hashlib
+    import json
+
+    data = tmp_path / "calib.npy"
+    np.save(data, digits.calib[:200])
+    src_hash = hashlib.sha256(digits.onnx.read_bytes()).hexdigest()
+    src_dir = sorted(p.name for p in digits.onnx.parent.iterdir())
+    out = tmp_path / "digits.tflite"
+    r = cli("--target", "snapdragon", digits.onnx, "--calib", data, "-o", out, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["fidelity"]["top1_agreement"] >= 0.9 and report["hexagon"]["fully_on_npu"]
+    assert report["latency"]["kind"] == "measured" and "ai-edge-litert" in report["latency"]["where"]
+    assert report["hexagon"]["kind"].startswith("estimated") and report["tflite"]["network_attempts_refused"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "digits.report.json", "digits.tflite"]
+    assert hashlib.sha256(digits.onnx.read_bytes()).hexdigest() == src_hash
+    assert sorted(p.name for p in digits.onnx.parent.iterdir()) == src_dir
+    again = cli("--target", "snapdragon", digits.onnx, "-o", out)
+    assert again.returncode == 1 and "already exists" in again.stderr_lines[-1]
