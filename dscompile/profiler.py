@@ -58,6 +58,7 @@ class Subject:
     graph: onnx.ModelProto | None  # float ONNX for the estimate (None: no estimate possible)
     layer_precisions: dict[str, str] = field(default_factory=dict)  # anchor node -> precision (artifacts)
     is_artifact: bool = False
+    report: dict = field(default_factory=dict)  # the build's report.json, when there is one
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _build_folder(folder: Path) -> Subject:
     for candidate in (primary, "model.qdq.onnx", "model.onnx", "model.tflite", "model.engine"):
         if candidate and (folder / candidate).is_file():
             sub = load_subject(folder / candidate, IngestOptions(), folder)
-            return Subject(folder.name, sub.path, sub.kind, sub.precision, sub.graph, sub.layer_precisions, True)
+            return Subject(folder.name, sub.path, sub.kind, sub.precision, sub.graph, sub.layer_precisions, True, data)
     raise InputError(f"{folder}: report.json names no model file that exists in the folder")
 
 
@@ -194,17 +195,13 @@ def _child_cells(subject: Subject, device: str, settings: Settings, fn) -> list[
     common = dict(runtime=result["runtime"], machine=result["machine"], threads=result["threads"],
                   peak_memory_mb=result["peak_memory_mb"])
     src = f"measured: {result['runtime']} on {result['machine']}, {result['threads']} threads"
-    cells = [measured_cell(subject.name, device, subject.precision, 1, timings[1]["p50_ms"], timings[1]["p99_ms"],
-                           source=src, extra={"runs": timings[1]["runs"]}, **common)]
     best = max(timings, key=lambda b: b * 1e3 / timings[b]["p50_ms"])
-    if best != 1:
-        t = timings[best]
-        cells.append(measured_cell(subject.name, device, subject.precision, best, t["p50_ms"], t["p99_ms"],
-                                   source=src, extra={"runs": t["runs"], "best_batch": True, "search": result["note"]},
-                                   **common))
-    else:
-        cells[0].extra["best_batch"] = True
-        cells[0].extra["search"] = result["note"]
+    search = {"best_batch": best, "search": result["note"]}
+    cells = []
+    for b in sorted({1, best}):
+        t = timings[b]
+        cells.append(measured_cell(subject.name, device, subject.precision, b, t["p50_ms"], t["p99_ms"],
+                                   source=src, extra={"runs": t["runs"], **search}, **common))
     return cells
 
 
@@ -225,6 +222,33 @@ def remote(subject: Subject, profile: DeviceProfile, remote_addr: str, batch: in
         if fn is not None:
             return fn(subject.path, remote_addr, profile, batch)
     return [missing_cell(subject.name, profile.id, subject.precision, why, batch)]
+
+
+# Where a build's report keeps a timing taken on the board (the Jetson target's SSH trtexec run).
+REPORT_TIMINGS = (("engine", "timing"), ("remote_timing",))
+
+
+def report_cells(subject: Subject, device: str) -> list[Cell]:
+    """Measured cells a build recorded on its device (a stand-in replay is never reported as measured)."""
+    if subject.report.get("device") != device:
+        return []
+    cells = []
+    for path in REPORT_TIMINGS:
+        timing = subject.report
+        for key in path:
+            timing = timing.get(key, {}) if isinstance(timing, dict) else {}
+        if not isinstance(timing, dict) or timing.get("kind") != "measured":
+            continue
+        lat = timing.get("latency_ms", {})
+        p50 = lat.get("median", lat.get("p50"))
+        if not p50:
+            continue
+        cells.append(measured_cell(
+            subject.name, device, subject.precision, 1, float(p50), float(lat.get("p99", p50)),
+            source=f"measured: {timing.get('where', 'on the board')}", runtime=f"TensorRT {timing.get('tensorrt', '?')}",
+            machine=str(timing.get("board", device)),
+        ))
+    return cells
 
 
 def estimated(subject: Subject, profile: DeviceProfile, precision: str, batch: int) -> Cell:
@@ -263,6 +287,7 @@ def profile_subjects(subjects: Sequence[Subject], options: ProfileOptions) -> Fp
                                                 f"(dscompile --target ort-cpu ...) and profile it"))
                 continue
             prof = profiles[device]
+            matrix.add(report_cells(sub, device))
             if options.remote:
                 matrix.add(remote(sub, prof, options.remote, options.batches[0]))
             for p in precisions:

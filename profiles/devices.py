@@ -37,14 +37,14 @@ THIS_CPU = "this-cpu"
 
 # Figure keys every profile has; "peak" means the accelerator the target uses
 # (GPU on Orin, HTP on Snapdragon, the cores on a CPU), dense.
-REQUIRED = ("peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops", "mem_bandwidth_gbps")
+# A CPU profile may leave out peak_fp16_tflops: CPUs without fp16 arithmetic run fp16 at the fp32 rate.
+REQUIRED = ("peak_int8_tops", "peak_fp32_tflops", "mem_bandwidth_gbps")
 TARGET_REQUIRED: dict[str, tuple[str, ...]] = {
     "jetson-orin": (
-        "gpu_int8_tops_dense", "gpu_int8_tops_sparse", "dla_int8_tops_dense", "dla_int8_tops_sparse",
-        "dla_cores", "gpu_fp16_tflops", "gpu_fp32_tflops",
+        "peak_fp16_tflops", "gpu_int8_tops_dense", "gpu_int8_tops_sparse", "dla_int8_tops_dense",
+        "dla_int8_tops_sparse", "dla_cores", "gpu_fp16_tflops", "gpu_fp32_tflops",
     ),
-    "snapdragon": ("htp_int8_tops", "htp_fp16_supported", "gpu_fp16_tflops", "cpu_cores"),
-    "ort-cpu": ("cpu_cores",),
+    "snapdragon": ("peak_fp16_tflops", "htp_int8_tops", "htp_fp16_supported", "gpu_fp16_tflops", "cpu_cores"),
 }
 
 

@@ -148,7 +148,10 @@ def weight_bytes(layer: Layer, precision: str) -> int:
 def layer_seconds(profile: DeviceProfile, eff: Efficiency, layer: Layer, precision: str, batch: int = 1) -> float:
     """Seconds one layer takes on ``profile`` at ``precision`` for ``batch`` samples."""
     cp = compute_precision(precision, eff)
-    rate = profile.value(PEAK_KEY[cp]) * 1e12 * eff.rate_scale.get(cp, 1.0) * eff.compute_for(cp)
+    key = PEAK_KEY[cp]
+    if key == "peak_fp16_tflops" and key not in profile.figures:
+        key = "peak_fp32_tflops"  # a CPU without fp16 arithmetic (allowed by the profile schema)
+    rate = profile.value(key) * 1e12 * eff.rate_scale.get(cp, 1.0) * eff.compute_for(cp)
     if layer.depthwise:
         rate *= eff.depthwise_rate
     compute = 2.0 * layer.macs * batch / rate if layer.macs else 0.0

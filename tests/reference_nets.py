@@ -27,6 +27,10 @@ from dscompile.profiles import layers as layers_module
 from dscompile.profiles.layers import extract_layers
 
 CACHE = Path(tempfile.gettempdir()) / "dscompile-reference-layers"
+# Layer lists shipped with the tests, so a fresh clone need not trace RetinaNet at 800x800 (minutes on a
+# loaded 2-core machine). Used only when their key (the sources of this file and of the layer
+# extraction) matches; otherwise recomputed. Regenerate: python -m tests.reference_nets
+SHIPPED = Path(__file__).parent / "data" / "reference_layers"
 
 
 def cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
@@ -309,9 +313,9 @@ def onnx_model(name: str, classes: int | None = None) -> onnx.ModelProto:
 def layers_of(name: str, classes: int | None = None, unfused: frozenset[str] = frozenset()) -> tuple[Layer, ...]:
     """The network's layers, cached on disk: exporting traces a real forward pass (20 s for RetinaNet at
     800x800), and the result depends only on this file and the layer extraction, whose sources key the cache."""
-    key = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, layers_module.__file__)))
-    key.update(f"{name}|{classes}|{sorted(unfused)}|{torch.__version__}".encode())
-    path = CACHE / f"{name}-{key.hexdigest()[:16]}.json"
+    path = _cache_path(name, classes, unfused)
+    if not path.is_file() and (SHIPPED / path.name).is_file():
+        path = SHIPPED / path.name
     if path.is_file():
         return tuple(Layer(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
                      for d in json.loads(path.read_text()))
@@ -321,6 +325,29 @@ def layers_of(name: str, classes: int | None = None, unfused: frozenset[str] = f
     return layers
 
 
+def _cache_path(name: str, classes: int | None, unfused: frozenset[str]) -> Path:
+    key = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, layers_module.__file__)))
+    key.update(f"{name}|{classes}|{sorted(unfused)}|{torch.__version__}".encode())
+    return CACHE / f"{name}-{key.hexdigest()[:16]}.json"
+
+
 @functools.cache
 def _cached_onnx(name: str, classes: int | None) -> onnx.ModelProto:
     return onnx_model(name, classes)
+
+
+if __name__ == "__main__":  # refresh the shipped layer lists after changing this file or the extraction
+    import shutil
+
+    from dscompile.profiles.estimate import load_efficiency
+    from dscompile.profiles.fit import class_of, load_published
+
+    SHIPPED.mkdir(parents=True, exist_ok=True)
+    for old in SHIPPED.glob("*.json"):
+        old.unlink()
+    effs = load_efficiency()
+    wanted = {(p.model, p.classes, effs[class_of(p)].unfused_ops) for p in load_published()}
+    wanted |= {(name, None, frozenset()) for name in NETS}
+    for args in sorted(wanted, key=str):
+        layers_of(*args)
+        shutil.copy(_cache_path(*args), SHIPPED)

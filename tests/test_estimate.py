@@ -75,6 +75,12 @@ def test_overheads_dram_fraction_depthwise_and_weight_only(toy):
     assert estimate.layer_seconds(toy, eff, conv(10**9, 8, 0), "int4_weight") == pytest.approx(83e-6)
 
 
+def test_cpu_profile_without_fp16_runs_fp16_at_the_fp32_rate(tmp_path):
+    prof = devices.parse_profile(write_profile(tmp_path, skip=("peak_fp16_tflops", "cpu_cores")))
+    lay = conv(10**9, 1000, 1000)
+    assert estimate.layer_seconds(prof, toy_eff(), lay, "fp16") == pytest.approx(400e-6)
+
+
 def test_model_estimate_sums_layers_and_reports_fps(toy):
     eff = toy_eff(model_overhead_us=100.0)
     layers = [replace(conv(10**9, 1000, 1000), name="a"), replace(conv(10**9, 1000, 1000), name="b")]
@@ -106,7 +112,7 @@ def test_every_shipped_profile_loads_with_its_target_keys():
             "jetson-orin-nano-8gb", "jetson-orin-nano-4gb", "snapdragon-8-gen2", "snapdragon-8-gen3",
             "snapdragon-8-elite"} <= ids
     for p in profs:
-        for key in (*devices.REQUIRED, *devices.TARGET_REQUIRED[p.target]):
+        for key in (*devices.REQUIRED, "peak_fp16_tflops", *devices.TARGET_REQUIRED.get(p.target, ())):
             assert p.figure(key).source.strip(), (p.id, key)
     orin = devices.get_device("jetson-agx-orin-64gb")
     assert orin.value("gpu_int8_tops_sparse") == 2 * orin.value("gpu_int8_tops_dense")
@@ -115,6 +121,7 @@ def test_every_shipped_profile_loads_with_its_target_keys():
 
 @pytest.mark.parametrize("case, match", [
     ({"skip": ("mem_bandwidth_gbps",)}, "'mem_bandwidth_gbps' is missing"),
+    ({"target": "snapdragon", "skip": ("peak_fp16_tflops",)}, "'peak_fp16_tflops' is missing"),
     ({"peak_int8_tops": '"fast"'}, "'peak_int8_tops' is not a number"),
     ({"target": "jetson-orin"}, "'gpu_int8_tops_dense' is missing"),
 ])

@@ -80,7 +80,7 @@ def test_profile_cli_on_the_zoo(cli, digits, tmp_path):
     here = [x for x in rows if x["device"] == "this-cpu" and x["precision"] == "fp32"]
     assert here and here[0]["kind"] == "measured" and here[0]["fps"] > 0
     assert here[0]["threads"] >= 1 and here[0]["peak_memory_mb"] > 10 and "onnxruntime" in here[0]["runtime"]
-    assert any(x.get("extra", {}).get("best_batch") for x in here)
+    assert all(x["extra"]["best_batch"] >= 1 and x["extra"]["search"] for x in here)
     est = [x for x in rows if x["kind"] == "estimated"]
     assert {(x["device"], x["precision"]) for x in est} == {(d, p) for d in DEVICES.split(",")[1:] for p in ("fp32", "int8")}
     assert all("devices/" in x["source"] and ".toml" in x["source"] for x in est)
@@ -139,3 +139,25 @@ def test_devices_sources(cli):
     assert figs["htp_fp16_supported"]["value"] == 1 and figs["mem_bandwidth_gbps"]["source"]
     r = cli("devices", "nope")
     assert r.returncode == 1 and "unknown device 'nope'" in r.stderr
+
+
+def test_board_timing_in_a_build_report_becomes_a_measured_cell(tmp_path, digits):
+    from dscompile import profiler
+
+    build = tmp_path / "build_orin"
+    build.mkdir()
+    (build / "model.onnx").write_bytes(digits.onnx.read_bytes())
+    timing = {"kind": "measured", "where": "trtexec on orin-01 over SSH", "tensorrt": "10.3.0", "board": "orin-01",
+              "throughput_qps": 2500.0, "latency_ms": {"median": 0.4, "p99": 0.5}}
+    report = {"device": "jetson-agx-orin-64gb", "artifacts": [{"path": "model.onnx", "role": "model"}],
+              "engine": {"built": True, "timing": timing}}
+    (build / "report.json").write_text(json.dumps(report))
+    opts = profiler.ProfileOptions(devices=("jetson-agx-orin-64gb",))
+    cells = profiler.profile_paths([build], opts).cells
+    measured = [c for c in cells if c.kind == "measured"]
+    assert len(measured) == 1 and measured[0].p50_ms == 0.4 and measured[0].fps == 2500.0
+    assert "orin-01" in measured[0].source and any(c.kind == "estimated" for c in cells)
+    # a stand-in replay (the SSH transport test) is never reported as a measurement
+    timing["kind"] = "stand-in replay: not a measurement"
+    (build / "report.json").write_text(json.dumps(report))
+    assert not [c for c in profiler.profile_paths([build], opts).cells if c.kind == "measured"]
