@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 failure, 2 usage error.
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 
@@ -24,6 +25,7 @@ from dscompile.commands import profile as profile_cmd
 from dscompile.errors import DscompileError
 
 DEFAULT_COMMAND = "compile"
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 class DefaultGroup(click.Group):
@@ -80,6 +82,16 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         click.echo(f"dscompile: error: {_one_line(str(exc))}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            click.echo(f"dscompile: internal error: OSError: {_one_line(str(exc))} (rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
+        # a full disk or read-only location met deep inside a stage is the user's environment, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"dscompile: error: {where}{exc.strerror.lower()} (nothing was written)", err=True)
         sys.exit(1)
     except Exception as exc:  # an internal bug: still one line unless --debug
         if debug:

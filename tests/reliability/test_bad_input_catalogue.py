@@ -70,7 +70,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "batch broken manifest": (["batch", "bad.toml", "-o", "{out}/batch"], ["bad.toml"]),
     "existing output without --force": ([*C, "{onnx}", "-o", "{out}/keep.txt"], ["--force"]),
     "read-only output folder": ([*C, "{onnx}", "--calib", "{calib}", *Q, "-o", "{ro}/m.onnx"], ["m.onnx"]),
-    "full output folder": ([*C, "{onnx}", "--calib", "{calib}", *Q, "-o", "{full}/m.onnx"], ["no space left"]),
+    "full output folder": ([*C, "{onnx}", "--calib", "{calib}", *Q, "-q", "-o", "{full}/m.onnx"], ["no space left"]),
     "interrupt mid-run": ([*C, "{onnx}", "--calib", "{calib}", *Q, "-o", "{out}/m.onnx"], ["interrupted"]),
 }
 MESSAGES: dict[str, str] = {}
@@ -89,13 +89,15 @@ def _run(argv: list[str], cwd: Path, interrupt: bool) -> tuple[int, list[str]]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if not interrupt:
         _, err = proc.communicate(timeout=300)
-        return proc.returncode, [line for line in err.splitlines() if line.strip()]
+        # data-quality warnings are not the error line; everything else must be the one line
+        return proc.returncode, [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
     # Interrupt once the run has reached calibration (its first progress line), as a user's Ctrl-C would.
     first = proc.stderr.readline()
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+    # progress lines printed before the interrupt landed are not errors; the error and any traceback are
+    lines = [line for line in err.splitlines() if line.startswith(("dscompile:", "Traceback", "  File"))]
     assert first.strip(), "the run printed nothing before the interrupt"
     return proc.returncode, lines
 
