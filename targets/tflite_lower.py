@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -123,10 +123,13 @@ def lower(target: Any, graph: ModelGraph, plan: QuantPlan | None, table: Calibra
     g = prepared(graph)
     fb = float_build(g, options.seed)
     caps = target.capabilities(g, device)
+    # The I/O map goes in before quantization: the float flatbuffer keeps its buffers inline, and
+    # ai-edge-quantizer carries metadata over (it may write large buffers at offsets past the root).
+    tagged = attach_metadata(fb.float.model, IO_METADATA, json.dumps(fb.tmap.io.to_json()).encode())
+    fb = replace(fb, float=replace(fb.float, model=tagged))
     model, assignment = fb.float.model, None  # no plan: fp32 (a table alone only verifies, as with --fp32)
     if plan is not None:
         model, assignment = quantize_plan(g, fb, plan, table, caps)
-    model = attach_metadata(model, IO_METADATA, json.dumps(fb.tmap.io.to_json()).encode())
     (stage / MODEL_FILE).write_bytes(model)
     built = read_graph(model)
     notes: dict[str, Any] = {
