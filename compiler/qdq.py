@@ -455,15 +455,8 @@ def replace_gather_block_quantized(
     """Turn ``Gather(table [V, D], indices)`` into ``com.microsoft.GatherBlockQuantized``: uint8 codes,
     symmetric blocks of ``block_size`` along each row (implicit zero point 2^(bits-1))."""
     v, d = table.shape
-    kb = -(-d // block_size)
-    padded = np.zeros((v, kb * block_size), np.float32)
-    padded[:, :d] = table
-    blocks = padded.reshape(v, kb, block_size)
-    qmax = 2 ** (bits - 1) - 1
-    amax = np.abs(blocks).max(-1)
-    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    codes = (np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)).astype(np.uint8)
-    codes = codes.reshape(v, -1)[:, :d]
+    q, scales = _row_blocks(table, bits, block_size)
+    codes = (q + 2 ** (bits - 1)).astype(np.uint8).reshape(v, -1)[:, :d]
     data = _pack_nibbles(codes) if bits == 4 else codes
     base = node.input[0]
     inputs = [ed.add_initializer(f"{base}_q{bits}", data), node.input[1], ed.add_initializer(f"{base}_q{bits}_scales", scales)]
@@ -477,6 +470,13 @@ def replace_gather_block_quantized(
 def gather_block_dequantized(table: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     """The table GatherBlockQuantized reads back (for emulation)."""
     v, d = table.shape
+    q, scales = _row_blocks(table, bits, block_size)
+    return (q * scales[..., None]).reshape(v, -1)[:, :d].astype(np.float32)
+
+
+def _row_blocks(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric codes [V, blocks, block_size] and scales [V, blocks] of a zero-padded table."""
+    v, d = table.shape
     kb = -(-d // block_size)
     padded = np.zeros((v, kb * block_size), np.float32)
     padded[:, :d] = table
@@ -484,8 +484,7 @@ def gather_block_dequantized(table: np.ndarray, bits: int, block_size: int) -> n
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(blocks).max(-1)
     scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax)
-    return (q * scales[..., None]).reshape(v, -1)[:, :d].astype(np.float32)
+    return np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax), scales
 
 
 def onnx_int_type(dtype: str) -> int:
