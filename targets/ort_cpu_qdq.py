@@ -78,7 +78,7 @@ def lower_qdq(
     ed = qdq.GraphEditor(model)
     index = GraphIndex.of(ed.model)
     nodes = {n.name: n for n in ed.graph.node}
-    static = [lay for lay in layers if precisions.get(lay.name, FP32) == INT8]
+    static = [lay for lay in layers if precisions.get(lay.name, FP32) == INT8 and lay.op != "Gather"]
     params = _static_params(ed.model, index, static, ranges)
     for tensor, (scale, zp) in params.items():
         qdq.add_activation_qdq(ed, tensor, scale, zp, "uint8")

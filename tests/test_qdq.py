@@ -137,8 +137,9 @@ def test_cnn_int8_runs_on_integer_kernels(digits, tmp_path):
 
 
 def test_transformer_precisions_hit_integer_kernels(transformer, tmp_path):
-    _, q, _ = _zoo_lowered(transformer, lambda lay: None if lay.op == "Gather" else "int8")  # embeddings take weight-only precisions
+    _, q, _ = _zoo_lowered(transformer, lambda lay: "int8" if lay.op != "Gather" else "int4_weight")
     ops = _optimized_ops(q, tmp_path)
+    assert ops["GatherBlockQuantized"] == 1, ops  # the token embedding, 4-bit
     assert ops["QGemm"] >= 8 and ops["QLinearMatMul"] >= 2, ops
     _, qd, _ = _zoo_lowered(transformer, lambda lay: "int8_dynamic" if lay.op in ("Gemm", "MatMul") else None)
     assert _optimized_ops(qd, tmp_path)["DynamicQuantizeMatMul"] == 9
