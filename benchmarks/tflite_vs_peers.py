@@ -333,11 +333,24 @@ def run_case(case: Case, target, threads: int) -> dict[str, Any]:
     budget = min((len(b) for b in peers.values()), default=None)
     fraction = budget / len(fb.float.model) if budget else None
     with tempfile.TemporaryDirectory() as tmp:
+        from dscompile.errors import InputError
+
+        model = plan = None
         for attempt in range(4):  # DMPQ counts weight bytes; the file adds scales and structure: tighten until it fits
-            model, plan = ours(case, target, graph, table, fraction, Path(tmp) / f"stage{attempt}")
+            try:
+                model, plan = ours(case, target, graph, table, fraction, Path(tmp) / f"stage{attempt}")
+            except InputError as exc:  # tighter than any allocation reaches: keep the last one built
+                print(f"{case.name}: {exc}", file=sys.stderr)
+                break
             if budget is None or len(model) <= budget:
                 break
             fraction *= 0.97 * budget / len(model)
+        if model is None:  # not even the first budget is reachable: the int8-everywhere plan
+            from dscompile.targets.base import BuildOptions
+
+            plan = target.default_plan(graph, table)
+            art = target.lower(graph, plan, table, Path(tmp), BuildOptions(device=DEVICE))
+            model = art.primary_path.read_bytes()
     mine = "dscompile (DMPQ" + (f", size<={fraction:.3f}x float" if fraction else "") + ")"
     rows[mine] = measure(case, model, io, ref_out, threads)
     rows[mine]["plan"] = plan.precision_counts()
