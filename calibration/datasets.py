@@ -42,6 +42,7 @@ from dscompile.calibration.feeds import (
 from dscompile.calibration.images import (
     IMAGE_SUFFIXES,
     Preprocess,
+    check_image,
     image_input,
     load_image,
     load_preprocess,
@@ -202,9 +203,11 @@ def _image_folder(folder: Path, files: list[Path], specs: tuple[InputSpec, ...],
     for f in files:
         label = str(f.relative_to(folder))
         try:
-            h = hashlib.sha256(label.encode() + b"\0" + f.read_bytes()).digest()
+            data = f.read_bytes()
         except OSError as exc:
             raise InputError(f"{f}: cannot read ({exc.strerror})") from None
+        check_image(data, str(f))
+        h = hashlib.sha256(label.encode() + b"\0" + data).digest()
         entries.append(_Entry(label, 1, h))
 
     def load(indices: Sequence[int]) -> Iterator[tuple[int, Feed]]:
