@@ -185,7 +185,9 @@ def check_image(data: bytes, label: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise InputError(f"{label}: cannot read the image (not an image format Pillow knows)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{label}: cannot read the image ({type(exc).__name__}: {exc})") from None
 
 

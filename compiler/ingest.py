@@ -123,6 +123,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{path}: not a readable ONNX model (no graph)")
+    _check_topology(model, path)  # before the checker: its message for these names no node
     external = _check_external(model, path)
     if past_protobuf_limit(model.ByteSize() + external):
         # Past protobuf's limit the weights stay in their files: in the message they would be copied again
@@ -135,7 +136,6 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         except Exception as exc:
             raise InputError(f"{path}: cannot read external data ({_first_line(exc)})") from None
         _check_model(model, path)
-    _check_topology(model, path)
     return model
 
 

@@ -52,6 +52,8 @@ def _run(argv: list[str], cwd: Path) -> tuple[object, str]:
 
 
 def main(spec: str, start: int) -> None:
+    import dscompile.cli  # noqa: F401 - imported before the first case, so its time limit is the case's alone
+
     cases = json.loads(Path(spec).read_text())
     report = os.fdopen(os.dup(1), "w", buffering=1)
     for k in range(start, len(cases)):
