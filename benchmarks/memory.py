@@ -6,18 +6,17 @@
 mostly shows nothing else grows). `wide` is a small conv net built here with seeded weights on 3x128x128
 inputs (192 KiB a sample, ~190 MB of rows at 10N = 1000): holding the rows in memory would show.
 Each measurement is a child process (`dscompile calibrate`, `dscompile plan` with --sensitivity-samples),
-its peak RSS read with os.wait4, so no run's memory counts towards another. Prints the 10N / N ratio:
-near 1.0 means memory stays flat as the data grows (streaming histograms, one sample per sensitivity run).
+its peak RSS read with os.wait4 through a small launcher (tests/reliability/rss.py), so neither another run's
+memory nor this script's own (torch, the data) counts towards it. Prints the 10N / N ratio:
+near 1.0 means memory stays flat as the data grows (calibration streams its histograms; sensitivity keeps
+its sample set and runs it in chunks of at most 4 MiB of inputs, so only the samples themselves grow).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +24,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.reliability.rss import dscompile_env, peak_rss  # noqa: E402
 from tests.zoo import build_digits  # noqa: E402
 
 
 def peak_rss_mb(argv: list[str], cwd: Path) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of ``python -m dscompile ARGV`` run as a child."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "dscompile", *argv], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
+    """(peak RSS in MB, seconds) of ``python -m dscompile ARGV`` run as a child (tests/reliability/rss.py)."""
+    rc, peak, seconds, err = peak_rss([sys.executable, "-m", "dscompile", *argv], cwd, dscompile_env())
+    if rc != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {err.strip()[-300:]}")
-    return usage.ru_maxrss / 1024, time.monotonic() - start
+    return peak / 2**20, seconds
 
 
 def main() -> None:

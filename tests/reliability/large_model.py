@@ -7,17 +7,14 @@ starts on a page boundary of the data file, as onnx and dscompile write them.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.reliability.rss import dscompile_env, peak_rss
+
 ALIGN = 4096
 
 
@@ -56,13 +53,6 @@ def build_large_model(folder: Path, width: int = 8192, layers: int = 9, seed: in
 
 def peak_rss_of_compile(model: Path, out: Path, extra: list[str] | None = None) -> tuple[int, float, float, str]:
     """(exit code, peak RSS in bytes, seconds, stderr) of ``dscompile compile --target ort-cpu`` as a child."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "dscompile", "compile", "--target", "ort-cpu", str(model), "--verify-samples", "2",
             "-o", str(out), *(extra or [])]
-    start = time.monotonic()
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a long stderr cannot block the child
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        err.seek(0)
-        text = err.read().decode(errors="replace")
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, time.monotonic() - start, text
+    return peak_rss(argv, env=dscompile_env())
