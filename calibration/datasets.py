@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,8 @@ def _read_npz(path: Path, label: str) -> dict[str, np.ndarray]:
         if "pickle" in str(exc).lower():
             raise InputError(f"{label}: holds pickled objects, which are never loaded; save plain arrays") from None
         raise InputError(f"{label}: not a readable .npz ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
+        # a damaged archive: unknown compression method, "encrypted" flag, corrupt deflate stream
         raise InputError(f"{label}: not a readable .npz ({exc})") from None
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def _zip_format(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
         raise InputError(f"{path}: corrupt zip archive ({exc})") from None
     if bad is not None:
         raise InputError(f"{path}: corrupt zip archive (bad CRC in {bad})")
