@@ -188,7 +188,12 @@ def tensorrt_cells(subject: Subject, device: str, settings: Settings) -> list[Ce
         return [missing_cell(subject.name, device, subject.precision,
                              "TensorRT is not installed here (engines run where they were built: a Jetson with "
                              "JetPack, or pip install -e '.[tensorrt]' with an NVIDIA GPU)")]
-    runner = _import("dscompile.targets.tensorrt:engine_cells")  # the Orin target owns engine execution
+    try:
+        runner = _import("dscompile.targets.tensorrt:engine_cells")  # the Orin target owns engine execution
+    except (ImportError, AttributeError):
+        return [missing_cell(subject.name, device, subject.precision,
+                             "timing an engine in process is not in this build: profile its build folder with "
+                             "--remote user@host to build and time it on the board")]
     return runner(subject.path, device, settings)
 
 
