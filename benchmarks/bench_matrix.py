@@ -79,17 +79,16 @@ def profile(cache: Path, output: Path, force: bool, budget: float) -> None:
     from dscompile.profiles.measure import Settings
 
     out_dir = cache / "matrix"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_name = {m.name: m for m in real_models(cache)}
     paths = []
-    for short in MODELS:
-        paths.append(out_dir / f"{short}.onnx")
+    for short, (name, shapes) in MODELS.items():
+        paths.append(fixed(by_name[name].path, out_dir / f"{short}.onnx", shapes))
         art = out_dir / f"{short}.mixed.onnx"
         if art.exists():
             paths.append(art)
         else:
             print(f"no DMPQ artifact for {short} (run `build` first): its mixed column stays missing")
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        raise SystemExit(f"not built: {', '.join(map(str, missing))} (run `python benchmarks/bench_matrix.py build`)")
     opts = ProfileOptions(devices=DEVICES, precisions=PRECISIONS, settings=Settings(budget_s=budget))
     matrix = api.profile(paths, output=output, force=force, options=opts)
     show_matrix(matrix, show_sources=True)
