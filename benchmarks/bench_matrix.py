@@ -49,7 +49,15 @@ def fixed(src: Path, dst: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
     return dst
 
 
-def build(cache: Path, n_calib: int) -> None:
+def to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A variable-size sample at the fixed shape: cropped, or padded (text lines with their background
+    column, token ids and attention masks with zeros)."""
+    x = x[tuple(slice(0, n) for n in shape)]
+    pad = [(0, n - m) for n, m in zip(shape, x.shape, strict=True)]
+    return np.pad(x, pad, mode="edge" if x.dtype.kind == "f" else "constant")
+
+
+def build(cache: Path, n_calib: int, only: str | None = None) -> None:
     from dscompile import api
     from dscompile.pipeline import CompileOptions
 
@@ -57,6 +65,8 @@ def build(cache: Path, n_calib: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     by_name = {m.name: m for m in real_models(cache)}
     for short, (name, shapes) in MODELS.items():
+        if only and only != short:
+            continue
         model = by_name[name]
         src = fixed(model.path, out_dir / f"{short}.onnx", shapes)
         art = out_dir / f"{short}.mixed.onnx"
@@ -67,7 +77,7 @@ def build(cache: Path, n_calib: int) -> None:
             data = Path(tmp) / "calib"
             data.mkdir()
             for i, f in enumerate(feeds):
-                np.savez(data / f"{i:05d}.npz", **{k: v for k, v in f.items() if k in shapes})
+                np.savez(data / f"{i:05d}.npz", **{k: to_shape(v, shapes[k]) for k, v in f.items() if k in shapes})
             api.compile(src, output=art, options=CompileOptions(calib=data, force=True, measure_latency=False))
         print(f"built {art}")
 
@@ -103,9 +113,10 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=48, help="calibration samples for the DMPQ build")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per batch size")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--only", choices=tuple(MODELS), help="build one model only")
     args = ap.parse_args()
     if args.step == "build":
-        build(args.cache, args.calib)
+        build(args.cache, args.calib, args.only)
     else:
         profile(args.cache, args.output, args.force, args.budget)
 
