@@ -213,7 +213,8 @@ def show_differences(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dscompile-bench")
-    ap.add_argument("--only", help="run only models whose name contains this")
+    ap.add_argument("--only", help="run only models whose name contains one of these (comma-separated)")
+    ap.add_argument("--keep", type=Path, help="keep dscompile's output folder of each model under this folder")
     ap.add_argument("--calib", type=int, default=64, help="calibration samples (dscompile holds 16 of them out)")
     ap.add_argument("--held-out", type=int, default=32)
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
@@ -226,11 +227,14 @@ def main() -> None:
         models = real_models(args.cache) + ([] if args.no_zoo else zoo_models(Path(tmp)))
         rows = []
         for m in models:
-            if args.only and args.only not in m.name:
+            if args.only and not any(w in m.name for w in args.only.split(",")):
                 continue
             work = Path(tmp) / m.name.split()[0].replace("/", "_")
             work.mkdir(exist_ok=True)
             rows.append(bench(m, args.calib, args.held_out, work, "" if ok else why))
+            if args.keep and (work / "ours").exists():
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(work / "ours", args.keep / m.name.split()[0].replace("/", "_"), dirs_exist_ok=True)
             shutil.rmtree(work, ignore_errors=True)
     print(f"onnxruntime CPU, 1 thread, this machine; device profile {DEVICE}; versions {peers.describe()}")
     print(table(rows))
