@@ -72,7 +72,11 @@ def layer_verdicts(graph: ModelGraph, release: TensorRTRelease, target: str = "j
             if f.rule in _NOT_PRECISION or layer not in names:
                 continue
             into = verdicts.errors if f.severity == "error" else verdicts.advice
-            into.setdefault((layer, precision), _say(f, release))
+            key = (layer, precision)
+            if key not in into:
+                into[key] = _say(f, release)
+            elif f"rule {f.rule} " not in into[key]:
+                into[key] += f"; also rule {f.rule} ({f.message})"
     return verdicts
 
 
