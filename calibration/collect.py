@@ -20,6 +20,7 @@ from dscompile.calibration.feeds import Feed, rows_of
 from dscompile.calibration.histograms import DEFAULT_BINS, StreamingHistogram
 from dscompile.calibration.methods import METHODS, QUANT_LEVELS, compute, values_needed
 from dscompile.calibration.progress import Progress
+from dscompile.calibration.shapes import INPUT_SHAPES, InputShapes
 from dscompile.calibration.table import CalibrationTable, TensorRange
 from dscompile.errors import InputError
 
@@ -110,6 +111,7 @@ def calibrate(
     rows = 0
     start = time.perf_counter()
     observed_inputs = [n for n in names if n in graph_inputs]
+    shapes = InputShapes()
     # Histograms of batch k are updated on a worker thread while onnxruntime runs batch k+1 (both
     # release the GIL); at most one batch of activations waits, so memory stays bounded.
     with ThreadPoolExecutor(1, thread_name_prefix="calib") as pool, \
@@ -119,6 +121,7 @@ def calibrate(
         for feed in split(feeds):
             arrays = _run(session, outputs, feed)
             split.observe(feed, arrays)
+            shapes.add(feed)
             if pending is not None:
                 pending.result()
             observed = [*zip(outputs, arrays, strict=True), *((n, feed[n]) for n in observed_inputs)]
@@ -133,6 +136,7 @@ def calibrate(
     seconds = time.perf_counter() - start
     log.info(f"calibrated {len(names)} tensors on {rows} samples in {seconds:.1f} s ({rows / seconds:.1f} samples/s)")
     table = _table(stats, methods, percentile, num_bins, model_sha256, data_sha256, rows)
+    table.extra[INPUT_SHAPES] = shapes.summary()
     _warn_thin(stats, methods, percentile, num_bins, rows)
     return table
 

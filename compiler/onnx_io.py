@@ -20,7 +20,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
     return [path.name, data]
 
 
-def new_session(model: onnx.ModelProto, options, providers=("CPUExecutionProvider",)):
+def new_session(model: onnx.ModelProto, options, providers=("CPUExecutionProvider",), disabled_optimizers=()):
     """An onnxruntime session for an in-memory model of any size.
 
     Models past protobuf's limit cannot be serialised to one buffer: they are
@@ -31,10 +31,12 @@ def new_session(model: onnx.ModelProto, options, providers=("CPUExecutionProvide
     import onnxruntime as ort
 
     if model.ByteSize() < _PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))
     with tempfile.TemporaryDirectory(prefix="dscompile-big-") as tmp:
         path = Path(tmp) / "model.onnx"
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         save_model(copy, path)
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        return ort.InferenceSession(str(path), options, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))

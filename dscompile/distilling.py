@@ -109,6 +109,21 @@ def make_distiller(target, ingested, table: CalibrationTable | None, samples: Se
     return DistillStage(final, repair)
 
 
+def mixed_shapes(samples: Sequence[Feed]) -> str:
+    """'' if every sample has the same input shapes, else a short description of two that differ.
+
+    Distillation stacks the captured activations of its samples, so they must share one shape.
+    """
+    first = {k: tuple(v.shape) for k, v in samples[0].items()} if samples else {}
+    for f in samples[1:]:
+        shapes = {k: tuple(v.shape) for k, v in f.items()}
+        if shapes != first:
+            name = next(k for k in first if first[k] != shapes.get(k))
+            return (f"input {name!r} is {'x'.join(map(str, first[name]))} in one sample and "
+                    f"{'x'.join(map(str, shapes.get(name, ())))} in another")
+    return ""
+
+
 def check_distill_inputs(ingested, options: DistillOptions, calib: Path | None) -> None:
     """Refuse what distillation cannot do before any slow stage runs."""
     if options.mode == "e2e" and ingested.torch_module is None:
