@@ -101,9 +101,9 @@ def make_distiller(target, ingested, table: CalibrationTable | None, samples: Se
                    options: DistillOptions, device: str, threads: int | None, seed: int) -> DistillStage:
     run_plan = target_run_plan(target, table, device, threads, seed)
     opts = replace(options, threads=threads, seed=seed)
-    final = Distiller(ingested.graph, samples, opts, ingested.torch_module, None, run_plan)
+    final = Distiller(ingested.graph, samples, opts, ingested.torch_module, None, run_plan, table)
     if opts.mode == "e2e":
-        repair = Distiller(ingested.graph, samples, replace(opts, mode="layer"), None, None, run_plan)
+        repair = Distiller(ingested.graph, samples, replace(opts, mode="layer"), None, None, run_plan, table)
     else:
         repair = final
     return DistillStage(final, repair)
