@@ -166,7 +166,7 @@ def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # its errors reach the user as our one line, not also as its own log line
     # onnxruntime's pool threads spin between parallel sections by default; those cycles are the ones
     # the histogram thread runs in, so spinning only trades our work for busy-waiting
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")

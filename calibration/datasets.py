@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from dscompile.calibration.feeds import (
 from dscompile.calibration.images import (
     IMAGE_SUFFIXES,
     Preprocess,
+    check_image,
     image_input,
     load_image,
     load_preprocess,
@@ -176,7 +178,8 @@ def _read_npz(path: Path, label: str) -> dict[str, np.ndarray]:
         if "pickle" in str(exc).lower():
             raise InputError(f"{label}: holds pickled objects, which are never loaded; save plain arrays") from None
         raise InputError(f"{label}: not a readable .npz ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
+        # a damaged archive: unknown compression method, "encrypted" flag, corrupt deflate stream
         raise InputError(f"{label}: not a readable .npz ({exc})") from None
 
 
@@ -202,9 +205,11 @@ def _image_folder(folder: Path, files: list[Path], specs: tuple[InputSpec, ...],
     for f in files:
         label = str(f.relative_to(folder))
         try:
-            h = hashlib.sha256(label.encode() + b"\0" + f.read_bytes()).digest()
+            data = f.read_bytes()
         except OSError as exc:
             raise InputError(f"{f}: cannot read ({exc.strerror})") from None
+        check_image(data, str(f))
+        h = hashlib.sha256(label.encode() + b"\0" + data).digest()
         entries.append(_Entry(label, 1, h))
 
     def load(indices: Sequence[int]) -> Iterator[tuple[int, Feed]]:

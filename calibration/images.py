@@ -175,6 +175,22 @@ def resolve(pre: Preprocess, spec: InputSpec) -> ImagePlan:
     )
 
 
+def check_image(data: bytes, label: str) -> None:
+    """Fail now on a file that is not a readable image (header and, where the format has them, checksums),
+    rather than part-way through calibration when it is decoded."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except UnidentifiedImageError:
+        raise InputError(f"{label}: cannot read the image (not an image format Pillow knows)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{label}: cannot read the image ({type(exc).__name__}: {exc})") from None
+
+
 def load_image(path: Path, plan: ImagePlan, label: str) -> dict[str, np.ndarray]:
     from PIL import Image, UnidentifiedImageError
 

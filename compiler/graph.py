@@ -81,10 +81,15 @@ class ModelGraph:
 
 def model_sha256(model: onnx.ModelProto) -> str:
     """Content hash of a model: the serialized graph and opsets, not producer fields."""
+    from dscompile.compiler.onnx_io import hash_on_disk, weights_dir
+
     h = hashlib.sha256()
     for op in model.opset_import:
         h.update(f"{op.domain}:{op.version};".encode())
-    h.update(model.graph.SerializeToString(deterministic=True))
+    if weights_dir(model) is not None:  # weights past protobuf's limit are hashed from their files
+        hash_on_disk(model, h)
+    else:
+        h.update(model.graph.SerializeToString(deterministic=True))
     return h.hexdigest()
 
 

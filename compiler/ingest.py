@@ -18,6 +18,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,12 @@ from dscompile.compiler.graph import (
     TensorSpec,
     graph_inputs,
     graph_outputs,
+)
+from dscompile.compiler.onnx_io import (
+    external_info,
+    keep_weights_on_disk,
+    past_protobuf_limit,
+    weights_dir,
 )
 from dscompile.compiler.samples import synthetic_feeds
 from dscompile.compiler.shapes import name_positional, override_specs, with_dynamic
@@ -94,7 +101,7 @@ def _zip_format(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, zlib.error) as exc:
         raise InputError(f"{path}: corrupt zip archive ({exc})") from None
     if bad is not None:
         raise InputError(f"{path}: corrupt zip archive (bad CRC in {bad})")
@@ -117,19 +124,35 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{path}: not a readable ONNX model (no graph)")
-    _load_external(model, path)
+    _check_topology(model, path)  # before the checker: its message for these names no node
+    external = _check_external(model, path)
+    if past_protobuf_limit(model.ByteSize() + external):
+        # Past protobuf's limit the weights stay in their files: in the message they would be copied again
+        # by every serialisation (the checker's, the hash's, onnxruntime's), and could not be serialised.
+        _check_model(str(path), path)
+        keep_weights_on_disk(model, path.resolve().parent)
+    else:
+        try:
+            onnx.load_external_data_for_model(model, str(path.resolve().parent))
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+        _check_model(model, path)
+    return model
+
+
+def _check_model(model: onnx.ModelProto | str, path: Path) -> None:
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
         raise InputError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
-    _check_topology(model, path)
-    return model
 
 
-def _load_external(model: onnx.ModelProto, path: Path) -> None:
+def _check_external(model: onnx.ModelProto, path: Path) -> int:
+    """Every external tensor's file lies in the model's folder and exists; returns their bytes in all."""
     base = path.resolve().parent
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
+    total = 0
     for t in _get_all_tensors(model):
         if not uses_external_data(t):
             continue
@@ -139,10 +162,12 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
             raise InputError(f"{path}: external data {loc!r} of tensor {t.name!r} lies outside the model's folder")
         if not target.is_file():
             raise InputError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing")
-    try:
-        onnx.load_external_data_for_model(model, str(base))
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+        try:
+            length = external_info(t)[2]
+        except (KeyError, ValueError):
+            raise InputError(f"{path}: tensor {t.name!r} has malformed external data fields") from None
+        total += target.stat().st_size if length is None else length
+    return total
 
 
 def _check_topology(model: onnx.ModelProto, path: Path) -> None:
@@ -442,7 +467,7 @@ def _module_from_name(name: str) -> str:
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnx-simplifier; a model it cannot handle is kept as it is."""
-    if model.ByteSize() > 1_800_000_000:
+    if model.ByteSize() > 1_800_000_000 or weights_dir(model) is not None:  # onnxsim works on one message
         return model
     try:
         import onnxsim

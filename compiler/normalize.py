@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from dscompile.errors import InputError
 
@@ -72,6 +73,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         b = inits.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
         if w is None or any(p is None for p in params) or users.get(conv.input[1]) != 1:
             continue
+        if any(uses_external_data(t) for t in (w, b, *params) if t is not None):
+            continue  # weights kept on disk (a model past 2 GB): left unfolded, as onnxruntime folds it itself
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
         k = gamma / np.sqrt(var + eps)

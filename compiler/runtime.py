@@ -16,7 +16,7 @@ Feed = dict[str, np.ndarray]
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # its errors reach the user as our one line, not also as its own log line
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

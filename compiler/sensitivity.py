@@ -8,7 +8,7 @@ Divergence from the FP32 output, averaged over the sensitivity samples:
 A model with outputs of both kinds sums them and reports ``kl+nmse``.
 
 Speed: one emulation session for all cases (``emulate.py``), samples stacked
-into one batch when the graph's batch axis allows it, precisions the target
+into batches of up to 4 MiB of inputs when the graph's batch axis allows it, precisions the target
 vetoes for a layer never run.
 """
 
@@ -29,6 +29,7 @@ from dscompile.compiler.verify import looks_like_scores
 
 log = logging.getLogger("dscompile")
 Feed = dict[str, np.ndarray]
+STACK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,11 @@ def metric_name(refs: Sequence[list[np.ndarray]]) -> str:
 
 
 class _Runner:
-    """Runs the emulator on all samples at once when it can, one by one otherwise."""
+    """Runs the emulator on stacked chunks of the samples when it can, one by one otherwise.
+
+    A chunk holds at most ``STACK_BYTES`` of inputs: the runtime's activation memory grows with the
+    batch, so one batch of every sample would grow with the sample count (and with the input size).
+    """
 
     def __init__(self, emu: Emulator, feeds: Sequence[Feed], threads: int | None) -> None:
 
@@ -108,21 +113,21 @@ class _Runner:
         self.session = new_session(emu.model, so)
         self.names = {i.name for i in self.session.get_inputs()}
         self.base = emu.base_feed()
-        self.batch = self._stack()
+        per_sample = sum(v.nbytes for v in self.feeds[0].values()) if self.feeds else 1
+        self.chunk = max(1, min(len(self.feeds), STACK_BYTES // max(per_sample, 1)))
+        self.batched = self._stack_ok()
 
-    def _stack(self) -> Feed | None:
+    def _stack_ok(self) -> bool:
         shapes = {tuple((k, v.shape) for k, v in sorted(f.items())) for f in self.feeds}
-        if len(self.feeds) < 2 or len(shapes) != 1 or any(v.ndim == 0 or v.shape[0] != 1 for v in self.feeds[0].values()):
-            return None
-        stacked = {k: np.concatenate([f[k] for f in self.feeds]) for k in self.feeds[0]}
+        if self.chunk < 2 or len(shapes) != 1 or any(v.ndim == 0 or v.shape[0] != 1 for v in self.feeds[0].values()):
+            return False
         try:
-            got = self._raw({**self.base, **stacked})
+            got = self._raw({**self.base, **_stacked(self.feeds[: self.chunk])})
             one = self._raw({**self.base, **self.feeds[0]})
         except Exception:
-            return None
-        if any(g.shape[:1] != (len(self.feeds),) or not np.allclose(g[:1], o, rtol=1e-4, atol=1e-5) for g, o in zip(got, one, strict=True)):
-            return None
-        return stacked
+            return False
+        return all(g.shape[:1] == (self.chunk,) and np.allclose(g[:1], o, rtol=1e-4, atol=1e-5)
+                   for g, o in zip(got, one, strict=True))
 
     def _raw(self, feed: Feed) -> list[np.ndarray]:
         return self.session.run(None, {k: v for k, v in feed.items() if k in self.names})
@@ -130,10 +135,18 @@ class _Runner:
     def run(self, override: Feed) -> list[list[np.ndarray]]:
         """Outputs per sample with ``override`` applied to the base feed."""
         feed = {**self.base, **override}
-        if self.batch is not None:
-            outs = self._raw({**feed, **self.batch})
-            return [[o[i : i + 1] for o in outs] for i in range(len(self.feeds))]
-        return [self._raw({**feed, **f}) for f in self.feeds]
+        if not self.batched:
+            return [self._raw({**feed, **f}) for f in self.feeds]
+        per_sample: list[list[np.ndarray]] = []
+        for start in range(0, len(self.feeds), self.chunk):
+            part = self.feeds[start : start + self.chunk]
+            outs = self._raw({**feed, **_stacked(part)})
+            per_sample += [[o[i : i + 1].copy() for o in outs] for i in range(len(part))]
+        return per_sample
+
+
+def _stacked(feeds: Sequence[Feed]) -> Feed:
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
 
 
 def measure(
@@ -156,8 +169,8 @@ def measure(
             runs += _measure_precision(runner, emu, refs, members, caps.numerics[p], p, values, advance)
     seconds = time.perf_counter() - start
     log.info("sensitivity: %d cases in %d runs on %d samples in %.1f s (%s, %s)", total, runs, len(feeds), seconds,
-             metric_name(refs), "batched" if runner.batch is not None else "one sample per run")
-    return Sensitivity(values, metric_name(refs), len(feeds), seconds, runner.batch is not None, skipped)
+             metric_name(refs), "batched" if runner.batched else "one sample per run")
+    return Sensitivity(values, metric_name(refs), len(feeds), seconds, runner.batched, skipped)
 
 
 # Cheap proxy first: layers are measured in groups of GROUP at once; only the groups

@@ -22,7 +22,7 @@ from dscompile.compiler.ingest import IngestOptions, detect_format, ingest, load
 from dscompile.compiler.shapes import parse_input_shape
 from dscompile.errors import OutputError
 from dscompile.fileio import check_writable, write_text
-from dscompile.pipeline import CompileOptions, CompileResult, compile_model
+from dscompile.pipeline import CompileOptions, CompileResult, check_in_memory, compile_model
 
 __all__ = ["CalibrateResult", "PlanResult", "build", "plan", "CompileOptions", "CompileResult", "DataOptions", "IngestOptions", "calibrate",
            "compile", "inspect", "profile"]
@@ -112,6 +112,7 @@ def calibrate(
         if path is not None and not Path(path).exists():
             check_writable(path, force)  # a missing folder fails now, not after the work
     graph = ingest(model, ingest_options or IngestOptions()).graph
+    check_in_memory(graph, "calibration")
     source = open_data(data, graph.inputs, data_options or DataOptions())
     settings = calibration_settings(methods, percentile, 2048)
     table = reusable_table(out, graph.sha256, source.sha256, settings, force)
@@ -170,6 +171,7 @@ def plan(
                           data=data_options or DataOptions(), planning=settings)
     tgt = get_target(target)
     ingested = ingest(model, opts.ingest)
+    check_in_memory(ingested.graph, "planning")
     check_numeric_outputs(ingested.graph)
     calibrated = calibrate_stage(ingested, opts)
     if not calibrated.samples:

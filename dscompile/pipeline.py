@@ -20,6 +20,7 @@ from dscompile.calibration.feeds import batches
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.distill import DistillOptions
 from dscompile.compiler.ingest import Ingested, IngestOptions, ingest
+from dscompile.compiler.onnx_io import weights_dir
 from dscompile.compiler.plan import QuantPlan
 from dscompile.compiler.report import build_report
 from dscompile.compiler.samples import synthetic_feeds
@@ -110,6 +111,13 @@ def check_device(target: str, device: str | None) -> None:
             raise InputError(f"device {device!r} is for target {profile.target}, not {target}")
 
 
+def check_in_memory(graph, what: str) -> None:
+    """Calibration and quantisation work on the model in memory: one past 2 GB (weights on disk) is refused."""
+    if weights_dir(graph.model) is not None:
+        raise InputError(f"{graph.source.path}: {what} needs the weights in memory, and this model's are past protobuf's "
+                         "2 GB limit (kept on disk); compile it at fp32 (without --calib / --plan)")
+
+
 def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     target = get_target(options.target)
     ok, why = target.available()
@@ -126,6 +134,8 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     check_plots_writable(options.plots, options.force)
     ingested = ingest(model, options.ingest)
     graph = ingested.graph
+    if options.calib is not None or options.plan is not None:
+        check_in_memory(graph, "calibration" if options.plan is None else "building a plan")
     device = options.device or target.default_device()
     if options.calib is not None and options.quantize and options.plan is None:
         check_numeric_outputs(graph)  # before any calibration work
@@ -252,8 +262,13 @@ def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOpti
         return None, None
     # held-out calibration samples when there are some: real data, unseen by calibration
     feeds = list(holdout) or synthetic_feeds(graph.inputs, options.verify_samples, options.seed + 1, graph.model)
+    # One runtime session at a time: for a model past 2 GB, two would hold two copies of its weights.
+    where, got = runner.where(), [runner.run(f) for f in feeds]
+    t_art = time_runner(runner, feeds[0]) if options.measure_latency else None
+    del runner
     reference = OrtRunner(graph.model, options.threads)
-    fidelity = compare(reference.run, runner.run, feeds, runner.where())
+    replay = iter(got)
+    fidelity = compare(reference.run, lambda _: next(replay), feeds, where)
     floor = options.min_cosine if options.min_cosine is not None else (0.999 if plan is None else None)
     if floor is not None and fidelity.cosine < floor:
         raise VerificationError(
@@ -265,10 +280,9 @@ def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOpti
             f"the {target.name} artifact misses --min-fidelity {goal.metric}={goal.value}: {goal.measure(fidelity):.5f} "
             f"on {fidelity.samples} {'held-out' if holdout else 'synthetic'} samples"
         )
-    if not options.measure_latency:
+    if t_art is None:
         return fidelity, None
     t_ref = time_runner(reference, feeds[0])
-    t_art = time_runner(runner, feeds[0])
     latency = {"fp32_ms_p50": round(t_ref.p50_ms, 4), **t_art.to_json()}
     return fidelity, latency
 
@@ -276,6 +290,10 @@ def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOpti
 def _commit(stage: Path, artifact: Artifact, out: Path, rpath: Path, report: dict, kind: str, force: bool) -> Artifact:
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    if kind == "file" and not force:  # an external-data file beside the artifact must not replace another's
+        taken = [f.path for f in artifact.files if f.path != artifact.primary and (out.parent / f.path).exists()]
+        if taken:
+            raise OutputError(f"{out.parent / taken[0]}: already exists (use --force to overwrite)")
     try:
         if kind == "dir":
             write_json(stage / "report.json", report, force=True)

@@ -1,14 +1,19 @@
 """Mutations of real model and data files, and the check each mutated run must pass.
 
-Shared by tests/reliability/test_fuzz.py (a bounded count) and benchmarks/fuzz.py (longer runs).
+Shared by tests/reliability/test_fuzz.py (a bounded count and time) and benchmarks/fuzz.py (longer runs).
+Cases run through the real CLI in tests/reliability/fuzz_driver.py processes: one interpreter start-up
+for many cases, a hang or crash still caught per case.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,21 +74,119 @@ def npz_mutation(data: bytes, rng: np.random.Generator) -> bytes:
 MODEL_MUTATIONS: tuple[Callable[[bytes, np.random.Generator], bytes], ...] = (bit_flips, truncation, onnx_field_swap)
 
 
-def run_case(argv: list[str], cwd: Path, out: Path, timeout: float = 120) -> str:
-    """Run one mutated case; return '' when it behaved (success with whole output, or one clean error line)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    before = sorted(p.name for p in out.iterdir())
-    try:
-        r = subprocess.run([sys.executable, "-m", "dscompile", *argv], cwd=cwd, env=env, capture_output=True,
-                           text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"hang (> {timeout:.0f} s)"
-    after = sorted(p.name for p in out.iterdir())
-    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
-    if r.returncode == 0:
-        return "" if after != before or not any(a == "-o" for a in argv) else "success but no output"
+def judge(argv: list[str], rc: int, stderr: str, before: list[str], after: list[str]) -> str:
+    """'' when a case behaved (success with its output written, or one clean error line and nothing
+    left behind); else what went wrong."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    if rc == 0:
+        return "" if after != before or "-o" not in argv else "success but no output"
     if after != before:
         return f"failed but left {sorted(set(after) - set(before))}"
     if len(lines) != 1 or not lines[0].startswith("dscompile: error:"):
-        return f"rc {r.returncode}: {' | '.join(lines)[-300:]}"
+        return f"rc {rc}: {' | '.join(lines)[-300:]}"
     return ""
+
+
+def make_cases(folder: Path, model: Path, data: Path, rng: np.random.Generator, count: int,
+               first: int = 0) -> list[dict]:
+    """``count`` mutated cases written under ``folder``: three of four mutate the model (bit flips,
+    truncation, protobuf field swaps in turn) and compile it; one of four mutates the .npz and calibrates."""
+    out = folder / "out"
+    out.mkdir(exist_ok=True)
+    src, npz = model.read_bytes(), data.read_bytes()
+    cases = []
+    for k in range(first, first + count):
+        if k % 4 == 3:
+            (folder / f"d{k}.npz").write_bytes(npz_mutation(npz, rng))
+            argv = ["calibrate", str(model), "--data", f"d{k}.npz", "--method", "minmax", "-q",
+                    "-o", str(out / f"c{k}.json")]
+            label = f"npz #{k}"
+        else:
+            mutate = MODEL_MUTATIONS[k % len(MODEL_MUTATIONS)]
+            (folder / f"m{k}.onnx").write_bytes(mutate(src, rng))
+            argv = ["compile", "--target", "ort-cpu", f"m{k}.onnx", "--verify-samples", "2", "-q",
+                    "-o", str(out / f"m{k}.onnx")]
+            label = f"{mutate.__name__} #{k}"
+        cases.append({"label": label, "argv": argv, "cwd": str(folder), "out": str(out)})
+    return cases
+
+
+def run_cases(cases: list[dict], spec: Path, timeout: float = 120, budget: float = float("inf"),
+              on_problem: Callable[[dict, str], None] | None = None) -> tuple[int, dict[str, str]]:
+    """Run ``cases`` in fuzz_driver processes; returns (cases run, {label: problem}).
+
+    A case over ``timeout`` seconds is a hang and one that kills the driver a crash: either way the driver
+    is restarted after it. No case starts ``budget`` seconds after the first one did.
+    """
+    spec.write_text(json.dumps(cases))
+    start, done, problems, k = None, 0, {}, 0
+
+    def found(idx: int, problem: str) -> None:
+        problems[cases[idx]["label"]] = problem
+        if on_problem:
+            on_problem(cases[idx], problem)
+
+    while k < len(cases) and (start is None or time.monotonic() - start < budget):
+        with _Driver(spec, k) as driver:
+            current = None
+            while True:
+                line = driver.readline(timeout if current is not None else 300)  # start-up has its own limit
+                if not line:  # None: a hang; "": the driver died
+                    if current is None:
+                        raise RuntimeError("the fuzz driver did not start")
+                    driver.kill()
+                    found(current, f"hang (> {timeout:.0f} s)" if line is None else f"crash (exit {driver.rc})")
+                    done, k = done + 1, current + 1
+                    break
+                word, idx, *rest = line.split(" ", 2)
+                if word == "start":
+                    current = int(idx)
+                    start = time.monotonic() if start is None else start  # the budget counts cases, not start-up
+                    if time.monotonic() - start >= budget:
+                        k = len(cases)
+                        break
+                    continue
+                done, current, k = done + 1, None, int(idx) + 1
+                if json.loads(rest[0]):
+                    found(int(idx), json.loads(rest[0]))
+                if k == len(cases):
+                    break
+    return done, problems
+
+
+class _Driver:
+    """One fuzz_driver process and its progress lines, read with a time limit (select on the raw pipe)."""
+
+    def __init__(self, spec: Path, first: int) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.fuzz_driver", str(spec), str(first)],
+                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buf = b""
+        self.rc: int | None = None
+
+    def readline(self, wait: float) -> str | None:
+        """The next line; None after ``wait`` seconds without one; "" at the end of the output."""
+        deadline = time.monotonic() + wait
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.rc = self.proc.wait()
+                return ""
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.rc = self.proc.wait()
+
+    def __enter__(self) -> _Driver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+        self.proc.stdout.close()
