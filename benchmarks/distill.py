@@ -2,7 +2,8 @@
 
     python benchmarks/distill.py                 # digits CNN, tiny transformer, MTCNN ONet
     python benchmarks/distill.py --quick         # fewer steps
-    python benchmarks/distill.py --resnet18      # also: time the default --distill on a ResNet-18 shape
+    python benchmarks/distill.py --resnet18      # also: time `dscompile build --distill` on a ResNet-18 shape
+    flock /work/bench.lock python benchmarks/distill.py --only-resnet18   # only that timing
 
 Models: the digits CNN and the tiny transformer (trained here, scored on their
 held-out test splits) and MTCNN's ONet, pretrained weights from the
@@ -20,6 +21,10 @@ sources). Ratios are against round-to-nearest in the same run.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +45,7 @@ from dscompile.distilling import target_run_plan  # noqa: E402
 from dscompile.targets.base import BuildOptions, get_target  # noqa: E402
 from tests.distill_support import feeds_of, uniform_plan  # noqa: E402
 
+RESNET_SAMPLES = 400  # as many as the default --distill-samples reads (256 + a quarter held out), plus verification
 PLANS = {
     "W8A8": ({"Conv": "int8", "Gemm": "int8", "MatMul": "int8"}, None, "artifact"),
     "W4 ort-cpu": ({"Conv": "int8", "Gemm": "int4_weight", "MatMul": "int4_weight"}, None, "artifact"),
@@ -151,7 +157,7 @@ def score(m: dict, outs, ref) -> tuple[float, float]:
     return float((prob == np.concatenate([r[-1] for r in ref]).argmax(-1)).mean()), err
 
 
-def run_model(m: dict, steps: int | None, e2e_steps: int) -> list[tuple]:
+def run_model(m: dict, steps: int | None, e2e_steps: int, time_s: float | None = None) -> list[tuple]:
     ing = ingest(m["path"], IngestOptions(input_shapes=(parse_input_shape(m["shape"]),)))
     graph, teacher = ing.graph, m.get("teacher", ing.torch_module)
     calib = feeds_of(m["calib"], m["input"])
@@ -165,8 +171,8 @@ def run_model(m: dict, steps: int | None, e2e_steps: int) -> list[tuple]:
         base_metric, base_err = score(m, evaluate(graph, plan, kind, test, False), ref)
         rows.append((m["name"], plan_name, "round-to-nearest", base_metric, base_err, 0.0))
         methods = [("+ bias correction", DistillOptions(mode="bias")),
-                   ("+ reconstruction", DistillOptions(mode="layer", steps=steps)),
-                   ("+ e2e (KD/QAT)", DistillOptions(mode="e2e", steps=e2e_steps, max_samples=128))]
+                   ("+ reconstruction", DistillOptions(mode="layer", steps=steps, time_s=time_s)),
+                   ("+ e2e (KD/QAT)", DistillOptions(mode="e2e", steps=e2e_steps, max_samples=128, time_s=time_s))]
         for label, opts in methods:
             t0 = time.perf_counter()
             res = Distiller(graph, calib, opts, teacher, None, run_plan if kind == "artifact" else None)(plan)
@@ -190,7 +196,8 @@ def print_rows(rows: list[tuple], header: bool = False) -> None:
 
 
 def resnet18_timing(work: Path) -> None:
-    """Default --distill layer on a ResNet-18-shaped model (random weights: time only, not fidelity)."""
+    """`dscompile build --distill` with the default budget on a ResNet-18-shaped model, timed end to end
+    through the CLI (random weights and inputs: time only, not fidelity)."""
     from torch import nn
 
     def block(cin, cout, stride):
@@ -217,32 +224,59 @@ def resnet18_timing(work: Path) -> None:
             return self.fc(x.mean((2, 3)))
 
     torch.manual_seed(0)
-    net = ResNet18().eval()
     path = work / "resnet18.pt"
-    torch.jit.save(torch.jit.trace(net, torch.randn(1, 3, 224, 224)), str(path))
-    graph = ingest(path, IngestOptions(input_shapes=(parse_input_shape("x:1x3x224x224"),))).graph
-    calib = [{"x": np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32)} for i in range(160)]
-    plan = uniform_plan(graph, PLANS["W8A8"][0], calib[:16])
+    if not path.exists():
+        torch.jit.save(torch.jit.trace(ResNet18().eval(), torch.randn(1, 3, 224, 224)), str(path))
+    shape = "x:1x3x224x224"
+    graph = ingest(path, IngestOptions(input_shapes=(parse_input_shape(shape),))).graph
+    samples = np.random.default_rng(0).standard_normal((RESNET_SAMPLES, 3, 224, 224)).astype(np.float32)
+    np.savez(work / "resnet18_calib.npz", x=samples)
+    uniform_plan(graph, PLANS["W8A8"][0], feeds_of(samples[:16], "x")).save(work / "resnet18_plan.json", force=True)
+    out = work / "resnet18_q.onnx"
+    cmd = [sys.executable, "-m", "dscompile", "build", str(path), "--input-shape", shape, "--plan",
+           str(work / "resnet18_plan.json"), "--calib", str(work / "resnet18_calib.npz"), "--distill",
+           "-o", str(out), "--force", "--json"]
+    load, cpu0 = os.getloadavg(), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    res = Distiller(graph, calib, DistillOptions(mode="layer"))(plan)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     took = time.perf_counter() - t0
-    print(f"ResNet-18 shape, default --distill layer: {len(res.report['layers'])} layers, "
-          f"{res.report['samples']['train']} samples, {took:.0f} s on {torch.get_num_threads()} torch threads "
-          f"(goal: < 600 s on 2 cores)")
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    if r.returncode != 0:
+        raise SystemExit(f"dscompile build failed:\n{r.stderr}")
+    dist = json.loads(r.stdout)["distillation"]
+    print(f"ResNet-18 shape (random weights and inputs: time only), `dscompile build --plan W8A8 --distill` with "
+          f"default budget, {RESNET_SAMPLES} samples given, {os.cpu_count()} cores, load average before "
+          f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, after {os.getloadavg()[0]:.2f}:")
+    print(f"  wall {took:.0f} s end to end (ingest, calibration, capture, learning, build, verify; goal < 600 s), "
+          f"CPU {cpu:.0f} s; "
+          f"distillation stage {dist['time_s']:.0f} s ({len(dist['layers'])} layers on {dist['samples']['train']} "
+          f"samples, {dist['learning_s']:.0f} s in layers)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     ap.add_argument("--resnet18", action="store_true", help="also time the defaults on a ResNet-18 shape")
+    ap.add_argument("--only-resnet18", action="store_true", help="only the ResNet-18 timing (run it under flock)")
+    ap.add_argument("--steps", type=int, help="steps per layer (default 1000, --quick 200)")
+    ap.add_argument("--e2e-steps", type=int, help="e2e steps (default 400, --quick 60)")
+    ap.add_argument("--time-budget", type=float, help="seconds of learning per run (default: none, steps decide)")
     ap.add_argument("--work", type=Path, default=ROOT / ".bench_cache" / "distill")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     steps, e2e_steps = (200, 60) if args.quick else (None, 400)
+    steps, e2e_steps = args.steps or steps, args.e2e_steps or e2e_steps
+    # not a timed run: by default learning stops at its steps, not at the wall-time budget (a busy
+    # machine would otherwise cut it short); --time-budget restores the budget
+    time_s = args.time_budget or 1e9
     print(f"distillation benchmark: onnxruntime CPU, torch {torch.__version__}; "
-          f"steps per layer {steps or 'default (1000)'}, e2e steps {e2e_steps}")
+          f"steps per layer {steps or 'default (1000)'}, e2e steps {e2e_steps}, "
+          f"time budget {'none' if time_s >= 1e9 else f'{time_s:.0f} s'}")
+    if args.only_resnet18:
+        return resnet18_timing(args.work)
     for m in build_models(args.work):
-        run_model(m, steps, e2e_steps)
+        run_model(m, steps, e2e_steps, time_s)
     if args.resnet18:
         resnet18_timing(args.work)
 

@@ -40,6 +40,12 @@ def main() -> None:
             notes[cls] = f"fitted on {len(used)} published latencies in published/{', '.join(files)} (fit: {'; '.join(used)})"
         write_text(estimate.EFFICIENCY_FILE, fit.efficiency_toml(effs, notes), force=True)
         estimate.load_efficiency.cache_clear()
+        estimate.load_device_scales.cache_clear()
+        # then each device with its own fit points, on top of its freshly fitted class
+        scales = {d: fit.fit_device(d, points, layers_of)
+                  for d in dict.fromkeys(p.device for p in points if p.role == "fit_device")}
+        write_text(estimate.EFFICIENCY_FILE, fit.efficiency_toml(effs, notes, scales), force=True)
+        estimate.load_device_scales.cache_clear()
     rows = fit.error_table(points, layers_of)
     print(f"{'class':12s} {'role':8s} {'model':20s} {'device':22s} {'prec':5s} {'published':>10s} {'estimate':>10s} {'error':>7s}")
     worst: dict[str, float] = defaultdict(float)
@@ -52,6 +58,8 @@ def main() -> None:
         print(f"worst |error| {k}: {v:.1%}")
     for cls, eff in estimate.load_efficiency().items():
         print(f"{cls}: compute {dict(eff.compute)} memory {eff.memory:.3g} layer {eff.layer_overhead_us:.3g} us model {eff.model_overhead_us:.3g} us")
+    for dev, sc in estimate.load_device_scales().items():
+        print(f"{dev}: compute x{sc.compute:.3g}, overheads x{sc.overhead:.3g} ({sc.source})")
 
 
 if __name__ == "__main__":

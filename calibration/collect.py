@@ -20,6 +20,7 @@ from dscompile.calibration.feeds import Feed, rows_of
 from dscompile.calibration.histograms import DEFAULT_BINS, StreamingHistogram
 from dscompile.calibration.methods import METHODS, QUANT_LEVELS, compute, values_needed
 from dscompile.calibration.progress import Progress
+from dscompile.calibration.shapes import INPUT_SHAPES, InputShapes
 from dscompile.calibration.table import CalibrationTable, TensorRange
 from dscompile.errors import InputError
 
@@ -32,7 +33,10 @@ _INPUTS: dict[str, tuple[int, ...] | None] = {
     "MaxPool": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,), "GlobalMaxPool": (0,),
 }
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-_ACTIVATION_BUDGET = 256 << 20  # bytes of observed activations per run (two runs' worth are alive)
+# Bytes of observed activations per run (two runs' worth are alive). Small on purpose: onnxruntime
+# spends the same CPU per row at 1 row as at 32 on the CNNs measured, and a large cap let runs of a
+# varied-shape stream grow fuller as the sample count grew (PP-OCR: peak RSS 1.2x from 100 to 1000).
+_ACTIVATION_BUDGET = 32 << 20
 
 
 def quantizable_tensors(model: onnx.ModelProto) -> list[str]:
@@ -107,13 +111,17 @@ def calibrate(
     rows = 0
     start = time.perf_counter()
     observed_inputs = [n for n in names if n in graph_inputs]
+    shapes = InputShapes()
     # Histograms of batch k are updated on a worker thread while onnxruntime runs batch k+1 (both
     # release the GIL); at most one batch of activations waits, so memory stays bounded.
     with ThreadPoolExecutor(1, thread_name_prefix="calib") as pool, \
             Progress("calibrating", total, enabled=progress) as bar:
         pending = None
-        for feed in _bounded(feeds, session, outputs, _dynamic_batch(model)):
+        split = _Splitter(_ACTIVATION_BUDGET, _dynamic_batch(model))
+        for feed in split(feeds):
             arrays = _run(session, outputs, feed)
+            split.observe(feed, arrays)
+            shapes.add(feed)
             if pending is not None:
                 pending.result()
             observed = [*zip(outputs, arrays, strict=True), *((n, feed[n]) for n in observed_inputs)]
@@ -128,6 +136,7 @@ def calibrate(
     seconds = time.perf_counter() - start
     log.info(f"calibrated {len(names)} tensors on {rows} samples in {seconds:.1f} s ({rows / seconds:.1f} samples/s)")
     table = _table(stats, methods, percentile, num_bins, model_sha256, data_sha256, rows)
+    table.extra[INPUT_SHAPES] = shapes.summary()
     _warn_thin(stats, methods, percentile, num_bins, rows)
     return table
 
@@ -158,6 +167,9 @@ def _session(model: onnx.ModelProto):
 
     so = ort.SessionOptions()
     so.log_severity_level = 4  # its errors reach the user as our one line, not also as its own log line
+    # onnxruntime's pool threads spin between parallel sections by default; those cycles are the ones
+    # the histogram thread runs in, so spinning only trades our work for busy-waiting
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -184,20 +196,40 @@ def _dynamic_batch(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _bounded(feeds: Iterable[Feed], session, outputs: Sequence[str], dynamic: bool) -> Iterator[Feed]:
-    """Split batches whose observed activations would pass the memory budget (dynamic batch only)."""
-    max_rows = None
-    for feed in feeds:
-        n = rows_of(feed)
-        if max_rows is None and dynamic and n > 1:
-            probe = {k: v[:1] for k, v in feed.items()}
-            per_row = sum(a.nbytes for a in _run(session, outputs, probe)) or 1
-            max_rows = max(1, _ACTIVATION_BUDGET // per_row)
-        if max_rows is not None and n > max_rows:
-            for s in range(0, n, max_rows):
-                yield {k: v[s:s + max_rows] for k, v in feed.items()}
-        else:
-            yield feed
+class _Splitter:
+    """Cuts batches (dynamic batch only) so one run's observed activations stay within ``budget`` bytes.
+
+    The bytes of activations per input element are learnt from the runs themselves (the largest
+    ratio seen), so inputs of another shape (longer sequences, wider images) get fewer rows per run.
+    Until a run has been seen, a batch starts with a single row.
+    """
+
+    def __init__(self, budget: int, dynamic: bool) -> None:
+        self.budget, self.dynamic = budget, dynamic
+        self.per_item: float | None = None  # activation bytes per input element
+
+    def observe(self, feed: Feed, arrays: Sequence[np.ndarray]) -> None:
+        items = sum(v.size for v in feed.values()) or 1
+        seen = sum(a.nbytes for a in arrays) / items
+        self.per_item = max(self.per_item or 0.0, seen)
+
+    def __call__(self, feeds: Iterable[Feed]) -> Iterator[Feed]:
+        for feed in feeds:
+            n = rows_of(feed)
+            if not self.dynamic or n <= 1:
+                yield feed
+                continue
+            start = 0
+            while start < n:  # the generator resumes after observe(): each cut uses what was learnt
+                step = self._rows(feed, n)
+                yield feed if start == 0 and step >= n else {k: v[start:start + step] for k, v in feed.items()}
+                start += step
+
+    def _rows(self, feed: Feed, n: int) -> int:
+        if self.per_item is None:
+            return 1
+        row_items = sum(v.size for v in feed.values()) / n
+        return max(1, int(self.budget // (self.per_item * row_items or 1)))
 
 
 def _table(stats: dict[str, StreamingHistogram], methods: Sequence[str], percentile: float, num_bins: int,

@@ -81,7 +81,7 @@ class StreamingHistogram:
             self._first(flat)
             return
         n, inv = len(self.counts), 1.0 / self.width
-        lo, hi, overflow, nonfinite = update_abs(flat, self.counts, inv)  # the steady state: one pass
+        lo, hi, overflow, nonfinite = update_abs(flat, flat.view(np.int32), self.counts, inv)  # the steady state: one pass
         self._account(flat.size - nonfinite, nonfinite, lo, hi)
         if overflow:  # larger values than the range holds: grow (exactly), then bin just those
             self._grow(max(abs(lo), abs(hi)))

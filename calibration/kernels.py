@@ -25,33 +25,81 @@ def add_abs(x: np.ndarray, counts: np.ndarray, inv_width: float) -> None:
         counts[j if j < last else last] += 1
 
 
+_CHUNK = 4096  # values per block: the block's bin indices stay in L1 between the two passes
+_MAG = 0x7FFFFFFF  # float32 bits without the sign
+_INF_BITS = 0x7F800000  # float32 bits of +inf: magnitudes at or past it are Inf or NaN
+
+
 @njit(cache=True, nogil=True)
-def update_abs(x: np.ndarray, counts: np.ndarray, inv_width: float) -> tuple[float, float, int, int]:
-    """One pass over the flat float32 ``x``: its min and max (finite values), and counts of |v| binned
+def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: float) -> tuple[float, float, int, int]:
+    """One pass over the flat float32 ``x`` (``bits``: the same memory viewed as int32): its min and max (finite values), and counts of |v| binned
     at ``inv_width``. Values past the last bin are not counted but returned as ``overflow`` (the
     caller grows the histogram and bins them with :func:`add_overflow`); NaN/Inf are skipped and
-    counted in ``nonfinite``."""
+    counted in ``nonfinite``.
+
+    Block by block, a branch-free loop that the compiler vectorises computes every value's bin
+    and min/max on order-preserving integer keys of the float bits, then a scalar loop scatters
+    the bins; a block holding NaN/Inf is redone by :func:`_update_slow`. Same counts, min and max
+    as the plain loop, about half its time (the scatter is what remains).
+    """
     n = np.int32(counts.shape[0])
+    nf = np.float32(n)
     inv = np.float32(inv_width)
-    big = np.float32(np.inf)
-    lo = big
-    hi = -big
-    overflow = 0
+    tally = np.zeros(n + 1, np.int64)  # the last slot gathers overflow
+    idx = np.empty(min(_CHUNK, x.shape[0]), np.int32)
+    kmin, kmax = np.int32(_MAG), np.int32(-_MAG - 1)
+    lo, hi = np.float32(np.inf), np.float32(-np.inf)  # of blocks that went the slow way
     nonfinite = 0
+    for s in range(0, x.shape[0], _CHUNK):
+        e = min(s + _CHUNK, x.shape[0])
+        bmin, bmax, bad = np.int32(_MAG), np.int32(-_MAG - 1), np.int32(0)
+        for k in range(np.uint64(e - s)):  # unsigned indices: no wraparound test, so it vectorises
+            i = np.uint64(s) + k
+            b = bits[i]
+            key = b ^ ((b >> np.int32(31)) & np.int32(_MAG))  # ascends with the float value
+            bmin = min(bmin, key)
+            bmax = max(bmax, key)
+            bad += np.int32(1) if (b & np.int32(_MAG)) >= np.int32(_INF_BITS) else np.int32(0)
+            t = abs(x[i]) * inv
+            idx[k] = np.int32(t) if t < nf else n
+        if bad == 0:
+            kmin, kmax = min(kmin, bmin), max(kmax, bmax)
+            for k in range(e - s):
+                tally[idx[k]] += 1
+        else:  # NaN/Inf in the block: value by value, skipping them
+            lo, hi = _update_slow(x[s:e], tally, inv, lo, hi)
+            nonfinite += bad
+    for j in range(n):
+        counts[j] += tally[j]
+    if kmin <= kmax:  # back from keys to floats; -0.0 and 0.0 compare equal, report 0.0
+        lo = min(lo, _from_key(kmin) + np.float32(0.0))
+        hi = max(hi, _from_key(kmax) + np.float32(0.0))
+    return float(lo), float(hi), tally[n], nonfinite
+
+
+@njit(cache=True, nogil=True)
+def _update_slow(x: np.ndarray, tally: np.ndarray, inv: np.float32, lo: np.float32,
+                 hi: np.float32) -> tuple[np.float32, np.float32]:
+    """The plain loop of :func:`update_abs` for a block holding NaN/Inf (``tally`` has the overflow slot)."""
+    n = np.int32(tally.shape[0] - 1)
+    nf = np.float32(n)
+    big = np.float32(np.inf)
     for i in range(x.shape[0]):
         v = x[i]
         a = abs(v)
-        if not a < big:  # NaN or Inf
-            nonfinite += 1
+        if not a < big:
             continue
         lo = min(lo, v)
         hi = max(hi, v)
-        j = np.int32(min(a * inv, np.float32(n)))
-        if j < n:
-            counts[j] += 1
-        else:
-            overflow += 1
-    return float(lo), float(hi), overflow, nonfinite
+        t = a * inv
+        tally[np.int32(t) if t < nf else n] += 1
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _from_key(key: np.int32) -> np.float32:
+    b = key ^ ((key >> np.int32(31)) & np.int32(_MAG))  # the key map is its own inverse
+    return np.array([b], np.int32).view(np.float32)[0]
 
 
 @njit(cache=True, nogil=True)

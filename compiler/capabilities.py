@@ -145,11 +145,22 @@ class TargetCapabilities:
     numerics: Mapping[str, Numerics] = field(default_factory=lambda: dict(DEFAULT_NUMERICS))
     check: LayerCheck | None = None
     reasons: Mapping[str, str] = field(default_factory=dict)  # op -> why it stays fp32 (GRU, If, ...)
+    # Precisions that run but gain nothing on this layer (the runtime's own advice): DMPQ does not
+    # choose them, a hand-edited plan may (unlike ``check``, which refuses).
+    advice: LayerCheck | None = None
 
     def layer_menu(self, layer: Layer, include_forced: bool = False) -> tuple[str, ...]:
-        """Precisions this layer can take: the op's menu minus what the target vetoes for it."""
+        """Precisions this layer can take: the op's menu minus what the target vetoes or advises against."""
         menu = self.menu.for_op(layer.op, include_forced)
-        return tuple(p for p in menu if p == FP32 or self.check is None or self.check(layer, p) is None)
+        return tuple(p for p in menu if p == FP32 or self.why_not_chosen(layer, p) is None)
+
+    def why_not_chosen(self, layer: Layer, precision: str) -> str | None:
+        """Why DMPQ leaves ``precision`` out of this layer's menu (a veto or the target's advice), else None."""
+        for rule in (self.check, self.advice):
+            why = rule(layer, precision) if rule is not None else None
+            if why:
+                return why
+        return None
 
     def why_not(self, layer: Layer, precision: str) -> str | None:
         """None if ``layer`` can run at ``precision``, else the reason."""

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.adaround import RoundingOptions
 from dscompile.compiler.distill_capture import output_error, run_outputs, student_model
 from dscompile.compiler.distill_layers import LayerOptions, reconstruct
@@ -38,8 +39,9 @@ from dscompile.compiler.distill_state import (
     write_back,
 )
 from dscompile.compiler.graph import ModelGraph, macs
+from dscompile.compiler.layers import find_layers
 from dscompile.compiler.normalize import normalize
-from dscompile.compiler.plan import QuantPlan
+from dscompile.compiler.plan import QuantPlan, with_table_ranges
 from dscompile.compiler.runtime import ort_session, ort_version, run_session
 from dscompile.errors import InputError
 
@@ -52,14 +54,16 @@ DEFAULT_LAYER_STEPS = 1000
 DEFAULT_E2E_STEPS = 2000
 SMALL_MODEL_MACS = 50_000_000
 CAPTURE_BUDGET_S = 120.0
-DEFAULT_TIME_S = 300.0  # a ResNet-18-sized model stays under 10 minutes on 2 cores with capture and build
+# Wall time of the whole stage (held-out checks, capture, learning): with ingest, calibration and the
+# final build and verification, a ResNet-18-sized model stays under 10 minutes on 2 cores.
+DEFAULT_TIME_S = 300.0
 
 
 @dataclass(frozen=True)
 class DistillOptions:
     mode: str = "layer"
     steps: int | None = None  # layer: per layer; e2e: in total
-    time_s: float | None = None  # total time for learning (default DEFAULT_TIME_S)
+    time_s: float | None = None  # wall time of the stage: checks, capture, learning (default DEFAULT_TIME_S)
     bias_correction: bool = True
     learn_activations: bool = False  # LSQ step sizes of layer inputs (always on in e2e)
     holdout: float = 0.25  # fraction of the samples kept out of learning, to check the result
@@ -89,9 +93,10 @@ RunPlan = Callable[[ModelGraph, QuantPlan, Sequence[Feed]], tuple[list[list[np.n
 def distill(
     graph: ModelGraph, plan: QuantPlan, samples: Sequence[Feed], options: DistillOptions = DistillOptions(),
     torch_module: Any = None, progress: Progress | None = None, run_plan: RunPlan | None = None,
+    table: CalibrationTable | None = None,
 ) -> DistillResult:
     """Distil ``plan``'s weight-quantised layers; see the module docstring."""
-    return Distiller(graph, samples, options, torch_module, progress, run_plan)(plan)
+    return Distiller(graph, samples, options, torch_module, progress, run_plan, table)(plan)
 
 
 class Distiller:
@@ -103,13 +108,15 @@ class Distiller:
     """
 
     def __init__(self, graph: ModelGraph, samples: Sequence[Feed], options: DistillOptions = DistillOptions(),
-                 torch_module: Any = None, progress: Progress | None = None, run_plan: RunPlan | None = None) -> None:
+                 torch_module: Any = None, progress: Progress | None = None, run_plan: RunPlan | None = None,
+                 table: CalibrationTable | None = None) -> None:
         if options.mode not in MODES:
             raise InputError(f"--distill {options.mode!r}: expected one of {', '.join(MODES)}")
         if options.mode == "e2e":
             self.check_teacher(graph, torch_module)
         self.graph = ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
         self.options, self.teacher, self.progress, self.run_plan = options, torch_module, progress, run_plan
+        self.table = table  # ranges a plan leaves to the table (``build --plan``), as the lowering reads them
         if options.mode != "e2e":
             options = replace(options, max_samples=_affordable_samples(self.graph.model, samples, options))
         self.train, self.holdout = split_samples(samples, options)
@@ -126,6 +133,10 @@ class Distiller:
             )
 
     def __call__(self, plan: QuantPlan, only: Sequence[str] | None = None) -> DistillResult:
+        if self.table is not None:  # entry quantisers (and e2e's starting step sizes) from the table's ranges
+            model = self.graph.model
+            plan = with_table_ranges(plan, find_layers(self.graph), self.table, {o.name for o in model.graph.output},
+                                     {t.name for t in model.graph.initializer})
         with torch_threads(self.options.threads, macs(self.graph.model)):
             return self._run(plan, only)
 
@@ -138,15 +149,19 @@ class Distiller:
         if not layers:
             return DistillResult(self.graph, plan, {"mode": options.mode, "layers": [], "skipped": skipped,
                                                     "why": "no weight-quantised layer to distill"})
+        t_check = time.perf_counter()
         before, where = self._error(self.graph, plan, layers)
+        # what is left of the stage's budget once the check after learning (as long as this one) is set aside
+        left = (options.time_s or DEFAULT_TIME_S) - (time.perf_counter() - start) - (time.perf_counter() - t_check)
         e2e_notes: dict[str, Any] = {}
         if options.mode == "e2e":
             from dscompile.compiler.qat import train_e2e
 
-            e2e_notes = train_e2e(self.graph, layers, self.train, options, self.teacher, self.progress)
+            e2e_notes = train_e2e(self.graph, layers, self.train, options, self.teacher, self.progress,
+                                  budget_s=max(left, 1.0))
         else:
             reconstruct(model, layers, self.train, self.holdout, _layer_options(options), small_constants(model),
-                        self.progress, options.time_s or DEFAULT_TIME_S, self.cache)
+                        self.progress, left, self.cache)
         summary = {"mode": options.mode}
         new_graph, new_plan = write_back(self.graph, layers), annotate_plan(plan, layers, summary)
         after, _ = self._error(new_graph, new_plan, layers)
@@ -258,6 +273,8 @@ def _report(options, layers, skipped, rtn, after, fell_back, n_train, n_hold, st
                     **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in pl.notes.items()}} for pl in layers],
         "skipped": skipped,
         "time_s": round(time.perf_counter() - start, 2),
+        "time_budget_s": options.time_s or DEFAULT_TIME_S,
+        "out_of_time": [pl.plan.name for pl in layers if pl.notes.get("out_of_time")],
         "learning_s": round(sum(float(pl.notes.get("time_s", 0.0)) for pl in layers), 2),  # incl. cached rounds
         **({"e2e": e2e_notes} if e2e_notes else {}),
     }

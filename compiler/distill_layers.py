@@ -60,6 +60,7 @@ def reconstruct(
     """
     cache = {} if cache is None else cache
     start = time.perf_counter()
+    late: list[str] = []
     for i, pl in enumerate(layers):
         key = (pl.plan.name, pl.plan.precision, pl.grid, pl.act, opts.reconstruct, opts.bias_correction,
                opts.learn_activations)
@@ -67,13 +68,22 @@ def reconstruct(
             pl.q, pl.q_scales, pl.q_zps, pl.b_now, pl.act_now, pl.notes = cache[key]
             continue
         share = None
-        if time_budget:
+        if time_budget is not None:
             left = time_budget - (time.perf_counter() - start)
+            if left <= 0:  # capture alone would overrun the budget: this layer stays round-to-nearest
+                pl.notes = {"method": "rtn", "out_of_time": True,
+                            "why": "the distillation time budget (--distill-time) ran out before this layer"}
+                late.append(pl.plan.name)
+                continue
             share = max(left / (len(layers) - i), 0.05)
         fp32 = Capturer(model, [pl.spec.x, pl.spec.pre], opts.threads, truncate=True)
         _one_layer(model, layers, pl, fp32, train, holdout, opts, consts, share,
                    (lambda s, n, loss, _i=i, _pl=pl: progress(_pl.plan.name, _i, len(layers), s, n, loss)) if progress else None)
         cache[key] = (pl.q, pl.q_scales, pl.q_zps, pl.b_now, pl.act_now, pl.notes)
+    if late:
+        log.warning("distillation: the time budget (--distill-time) ran out; %d of %d layers stay round-to-nearest "
+                    "(%s); give more time or fewer --distill-samples", len(late), len(layers),
+                    ", ".join(late[:3]) + (", ..." if len(late) > 3 else ""))
 
 
 def _one_layer(model, layers, pl: PlannedLayer, fp32: Capturer, train, holdout, opts: LayerOptions, consts,

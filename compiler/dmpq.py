@@ -147,4 +147,6 @@ def _reason(lay: Layer, p: str, menu: tuple[str, ...], caps: TargetCapabilities,
         q, why = next(iter(skipped.items()))
         return f"kept fp32: {q} skipped ({why})"
     s = sens.values.get(lay.name, {}).get(p, 0.0)
-    return f"allocated: {p} (sensitivity {s:.3g}) is the cheapest choice within the budget"
+    left_out = [(q, caps.why_not_chosen(lay, q)) for q in caps.menu.for_op(lay.op) if q not in menu]
+    note = "".join(f"; {q} left out: {why}" for q, why in left_out if why)
+    return f"allocated: {p} (sensitivity {s:.3g}) is the cheapest choice within the budget{note}"

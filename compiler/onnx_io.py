@@ -109,7 +109,7 @@ def _save_from_disk(model: onnx.ModelProto, path: Path) -> list[str]:
     return [path.name, data.name]
 
 
-def new_session(model: onnx.ModelProto, options, providers=("CPUExecutionProvider",)):
+def new_session(model: onnx.ModelProto, options, providers=("CPUExecutionProvider",), disabled_optimizers=()):
     """An onnxruntime session for an in-memory model of any size.
 
     Weights kept on disk are read by onnxruntime from their folder. Other models past protobuf's limit
@@ -123,12 +123,15 @@ def new_session(model: onnx.ModelProto, options, providers=("CPUExecutionProvide
     folder = weights_dir(model)
     if folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))
     if model.ByteSize() < _PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))
     with tempfile.TemporaryDirectory(prefix="dscompile-big-") as tmp:
         path = Path(tmp) / "model.onnx"
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         save_model(copy, path)
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        return ort.InferenceSession(str(path), options, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))

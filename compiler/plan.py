@@ -14,7 +14,7 @@ from typing import Any
 
 from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import INT8, INT16X8, PRECISIONS, Layer, TargetCapabilities
-from dscompile.compiler.ranges import activation_range, range_from_json
+from dscompile.compiler.ranges import activation_range, range_from_json, range_json
 from dscompile.errors import InputError
 from dscompile.fileio import write_json
 
@@ -191,3 +191,26 @@ def plan_ranges(plan: QuantPlan, layers: list[Layer], table: CalibrationTable | 
                     f"has a range for tensor {t!r}" + ("" if table is not None else " (pass --calib)")
                 )
     return out
+
+
+def with_table_ranges(plan: QuantPlan, layers: list[Layer], table: CalibrationTable | None,
+                      graph_outputs: set[str] = frozenset(), constants: set[str] = frozenset()) -> QuantPlan:
+    """``plan`` with each static layer's missing ranges written in, as plan_ranges resolves them for the
+    lowering (the plan's own first, then the table): a stage that reads ranges from the plan alone
+    (distillation) then quantises activations exactly as the build will."""
+    if table is None:
+        return plan
+    resolved = plan_ranges(plan, layers, table, graph_outputs, constants)
+    by_name = {lay.name: lay for lay in layers}
+    out = []
+    for lp in plan.layers:
+        acts = lp.activations if isinstance(lp.activations, dict) else {}
+        given = acts.get("ranges", {})
+        want = [] if lp.precision not in STATIC_PRECISIONS or lp.name not in by_name else [
+            t for t in needed_tensors(by_name[lp.name], set(graph_outputs)) if t in resolved and t not in given]
+        if want:
+            method, sym = acts.get("method", "minmax"), bool(acts.get("symmetric", False))
+            filled = {t: range_json(*resolved[t], method, sym) for t in want}
+            lp = replace(lp, activations={**acts, "method": method, "symmetric": sym, "ranges": {**given, **filled}})
+        out.append(lp)
+    return replace(plan, layers=tuple(out))

@@ -97,8 +97,10 @@ class FakeQuantLayer(torch.nn.Module):
 
 
 def train_e2e(graph: ModelGraph, layers: list[PlannedLayer], train: Sequence[Feed], options: Any,
-              teacher: Any, progress: Callable | None = None) -> dict[str, Any]:
-    """Train; write the best state into ``layers``; return notes for the report."""
+              teacher: Any, progress: Callable | None = None, budget_s: float | None = None) -> dict[str, Any]:
+    """Train for at most ``budget_s`` seconds of wall time (default ``options.time_s``, else 300), the
+    teacher's outputs included; write the best state into ``layers``; return notes for the report."""
+    begin = time.perf_counter()
     torch.manual_seed(options.seed)
     student = TorchGraph(graph.model)
     fq = [FakeQuantLayer(pl) for pl in layers]
@@ -118,7 +120,7 @@ def train_e2e(graph: ModelGraph, layers: list[PlannedLayer], train: Sequence[Fee
     features = _fp32_features(graph, fq, train) if options.feature_loss > 0 else None
     opt = torch.optim.Adam(_param_groups(fq, options.lr_scale))
     steps = options.steps or 2000
-    budget = options.time_s or 300.0
+    budget = (budget_s or options.time_s or 300.0) - (time.perf_counter() - begin)
     rng = np.random.default_rng(options.seed)
     start, best_loss, avg, step, diverged = time.perf_counter(), math.inf, None, 0, False
     best = copy.deepcopy([m.state_dict() for m in fq])  # the starting point is the fallback

@@ -26,14 +26,17 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
 
 
 def ort_session(
-    model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True
+    model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True,
+    disabled_optimizers: tuple[str, ...] = (),
 ) -> ort.InferenceSession:
+    """A CPU session; ``disabled_optimizers`` names graph transformers to skip (onnxruntime's names)."""
     try:
         if isinstance(model, (str, Path)):
-            return ort.InferenceSession(str(model), session_options(threads, optimize), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(model), session_options(threads, optimize), providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=list(disabled_optimizers))
         from dscompile.compiler.onnx_io import new_session
 
-        return new_session(model, session_options(threads, optimize))
+        return new_session(model, session_options(threads, optimize), disabled_optimizers=disabled_optimizers)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0][:300]
         raise InputError(f"onnxruntime cannot load the model: {text}") from None

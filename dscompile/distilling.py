@@ -101,12 +101,27 @@ def make_distiller(target, ingested, table: CalibrationTable | None, samples: Se
                    options: DistillOptions, device: str, threads: int | None, seed: int) -> DistillStage:
     run_plan = target_run_plan(target, table, device, threads, seed)
     opts = replace(options, threads=threads, seed=seed)
-    final = Distiller(ingested.graph, samples, opts, ingested.torch_module, None, run_plan)
+    final = Distiller(ingested.graph, samples, opts, ingested.torch_module, None, run_plan, table)
     if opts.mode == "e2e":
-        repair = Distiller(ingested.graph, samples, replace(opts, mode="layer"), None, None, run_plan)
+        repair = Distiller(ingested.graph, samples, replace(opts, mode="layer"), None, None, run_plan, table)
     else:
         repair = final
     return DistillStage(final, repair)
+
+
+def mixed_shapes(samples: Sequence[Feed]) -> str:
+    """'' if every sample has the same input shapes, else a short description of two that differ.
+
+    Distillation stacks the captured activations of its samples, so they must share one shape.
+    """
+    first = {k: tuple(v.shape) for k, v in samples[0].items()} if samples else {}
+    for f in samples[1:]:
+        shapes = {k: tuple(v.shape) for k, v in f.items()}
+        if shapes != first:
+            name = next(k for k in first if first[k] != shapes.get(k))
+            return (f"input {name!r} is {'x'.join(map(str, first[name]))} in one sample and "
+                    f"{'x'.join(map(str, shapes.get(name, ())))} in another")
+    return ""
 
 
 def check_distill_inputs(ingested, options: DistillOptions, calib: Path | None) -> None:

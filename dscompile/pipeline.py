@@ -29,6 +29,7 @@ from dscompile.distilling import (
     BIAS_ONLY_SAMPLES,
     check_distill_inputs,
     make_distiller,
+    mixed_shapes,
     sample_count,
 )
 from dscompile.errors import InputError, MissingBackendError, OutputError, VerificationError
@@ -213,6 +214,12 @@ def _distiller(target, ingested: Ingested, calibrated: Calibrated, options: Comp
         if options.distill is not None:
             raise InputError("--distill learns from sample data: pass --calib DATA (a folder or .npz of inputs), "
                              "not only a calib.json")
+        return None
+    mixed = mixed_shapes(calibrated.distill_samples)
+    if mixed and options.distill is not None:
+        raise InputError(f"--distill needs calibration samples of one shape: {mixed}")
+    if mixed:  # bias correction is on by default, not asked for: leave it out and say why
+        log.warning(f"bias correction skipped: the calibration samples differ in shape ({mixed})")
         return None
     return make_distiller(target, ingested, calibrated.table, calibrated.distill_samples, want, device,
                           options.threads, options.seed)

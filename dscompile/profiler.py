@@ -6,7 +6,11 @@ others). A source is a callable ``(subject, device, settings) -> list[Cell]``
 that measures on this machine, or returns one missing cell saying why.
 Remote boards (SSH trtexec on a Jetson, ADB benchmark_model on a phone) plug in
 through ``REMOTE_SOURCES``, keyed by target: the target modules provide
-``remote_cells(path, remote, profile, batch) -> list[Cell]``.
+``remote_cells(path, remote, profile, batch, *, model, precision, shapes,
+benchmark_binary) -> list[Cell]`` (keywords a runner does not use go to ``**_``).
+``--remote`` measures one board: the first listed device whose target is reached
+that way (user@host[:port]: a Jetson; adb:SERIAL: a phone). A board that cannot be
+reached is a one-line error before anything is measured here.
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ SOURCES: dict[str, str] = {
     "tflite": "dscompile.profiler:litert_cells",
     "engine": "dscompile.profiler:tensorrt_cells",
 }
-# Remote boards per target: the module must define remote_cells(path, remote, profile, batch).
+# Remote boards per target: the module must define remote_cells(path, remote, profile, batch, **keywords).
 REMOTE_SOURCES: dict[str, str] = {
-    "jetson-orin": "dscompile.targets.tensorrt:remote_cells",
-    "snapdragon": "dscompile.targets.tflite:remote_cells",
+    "jetson-orin": "dscompile.targets.tensorrt_remote:remote_cells",
+    "snapdragon": "dscompile.targets.tflite_remote:remote_cells",
 }
+REMOTE_KIND = {"jetson-orin": "ssh", "snapdragon": "adb"}  # how each target's boards are reached
 PRECISION_ORDER = ("fp32", "fp16", "int8", "int16x8", "mixed")
 
 
@@ -69,6 +74,7 @@ class ProfileOptions:
     settings: Settings = field(default_factory=Settings)
     remote: str | None = None
     ingest: IngestOptions = field(default_factory=IngestOptions)
+    benchmark_binary: Path | None = None  # TFLite benchmark_model to push for --remote adb:SERIAL
 
 
 def load_subject(path: Path, options: IngestOptions, workdir: Path) -> Subject:
@@ -182,7 +188,12 @@ def tensorrt_cells(subject: Subject, device: str, settings: Settings) -> list[Ce
         return [missing_cell(subject.name, device, subject.precision,
                              "TensorRT is not installed here (engines run where they were built: a Jetson with "
                              "JetPack, or pip install -e '.[tensorrt]' with an NVIDIA GPU)")]
-    runner = _import("dscompile.targets.tensorrt:engine_cells")  # the Orin target owns engine execution
+    try:
+        runner = _import("dscompile.targets.tensorrt:engine_cells")  # the Orin target owns engine execution
+    except (ImportError, AttributeError):
+        return [missing_cell(subject.name, device, subject.precision,
+                             "timing an engine in process is not in this build: profile its build folder with "
+                             "--remote user@host to build and time it on the board")]
     return runner(subject.path, device, settings)
 
 
@@ -211,17 +222,27 @@ def measured(subject: Subject, device: str, settings: Settings) -> list[Cell]:
     return _import(SOURCES[subject.kind])(subject, device, settings)
 
 
-def remote(subject: Subject, profile: DeviceProfile, remote_addr: str, batch: int) -> list[Cell]:
-    spec = REMOTE_SOURCES.get(profile.target)
-    why = f"no remote runner for target {profile.target} in this build"
-    if spec:
-        try:
-            fn = _import(spec)
-        except (ImportError, AttributeError):
-            fn = None
-        if fn is not None:
-            return fn(subject.path, remote_addr, profile, batch)
-    return [missing_cell(subject.name, profile.id, subject.precision, why, batch)]
+def remote_device(remote_addr: str, profiles: Sequence[DeviceProfile]) -> DeviceProfile:
+    """The listed device ``--remote`` measures: the first whose target's boards are reached that way."""
+    kind = "adb" if remote_addr.startswith("adb:") else "ssh"
+    for prof in profiles:
+        if REMOTE_KIND.get(prof.target) == kind:
+            return prof
+    wanted = ", ".join(t for t, k in REMOTE_KIND.items() if k == kind)
+    raise InputError(f"--remote {remote_addr}: no device of target {wanted} in --devices to measure it as "
+                     f"(user@host[:port] reaches a Jetson over SSH, adb:SERIAL a phone)")
+
+
+def remote(subject: Subject, profile: DeviceProfile, remote_addr: str, options: ProfileOptions) -> list[Cell]:
+    """Cells measured on the board at ``remote_addr``; a board that cannot be reached raises (one line)."""
+    fn = _import(REMOTE_SOURCES[profile.target])
+    shapes = {}
+    if subject.graph is not None:
+        for vi in subject.graph.graph.input:
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+            shapes[vi.name] = dims
+    return fn(subject.path, remote_addr, profile, options.batches[0], model=subject.name, precision=subject.precision,
+              shapes=shapes, benchmark_binary=options.benchmark_binary)
 
 
 # Where a build's report keeps a timing taken on the board (the Jetson target's SSH trtexec run).
@@ -274,7 +295,10 @@ def profile_subjects(subjects: Sequence[Subject], options: ProfileOptions) -> Fp
     """Every subject on every device: measured on this CPU (and remote boards), estimated elsewhere."""
     matrix = FpsMatrix()
     profiles = {d: get_device(d) for d in options.devices if d != THIS_CPU}
-    for sub in subjects:
+    # The board first: one that cannot be reached fails before minutes of measuring here.
+    board = remote_device(options.remote, list(profiles.values())) if options.remote else None
+    on_board = [remote(sub, board, options.remote, options) for sub in subjects] if board else []
+    for i, sub in enumerate(subjects):
         # A float artifact is a model: estimate it at every requested precision.
         precisions = (sub.precision,) if sub.is_artifact and sub.precision != FP32 else options.precisions
         for device in options.devices:
@@ -288,8 +312,8 @@ def profile_subjects(subjects: Sequence[Subject], options: ProfileOptions) -> Fp
                 continue
             prof = profiles[device]
             matrix.add(report_cells(sub, device))
-            if options.remote:
-                matrix.add(remote(sub, prof, options.remote, options.batches[0]))
+            if board is not None and device == board.id:
+                matrix.add(on_board[i])
             for p in precisions:
                 for b in options.batches:
                     matrix.add(estimated(sub, prof, p, b))

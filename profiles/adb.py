@@ -30,7 +30,7 @@ _FLAGS = {
     "gpu": ["--use_gpu=true"],
     "htp": [f"--external_delegate_path={DEVICE_DIR}/{QNN_DELEGATE_LIB}", "--external_delegate_options=backend_type:htp"],
 }
-_WHERE = {"cpu": "XNNPACK CPU", "gpu": "GPU delegate", "htp": "QNN delegate, HTP backend"}
+DELEGATE_LABELS = {"cpu": "XNNPACK CPU", "gpu": "GPU delegate", "htp": "QNN delegate, HTP backend"}
 
 
 def adb_error(serial: str, text: str) -> InputError:
@@ -128,7 +128,8 @@ def time_on_device(
         except InputError as exc:
             cells.append({"delegate": d, "kind": None, "why": str(exc)})
             continue
-        cells.append({"delegate": d, "kind": "measured",
-                      "where": f"benchmark_model on {phone} over ADB, {_WHERE[d]}, {threads} threads",
-                      **result.to_json()})
+        # the requested delegate keeps the key; the name TFLite reports for it is kept beside
+        timed = {("tflite_delegate" if k == "delegate" else k): v for k, v in result.to_json().items()}
+        cells.append({**timed, "delegate": d, "kind": "measured",
+                      "where": f"benchmark_model on {phone} over ADB, {DELEGATE_LABELS[d]}, {threads} threads"})
     return {"serial": adb.serial, "phone": phone, "cells": cells}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tomllib
@@ -125,14 +125,62 @@ def load_efficiency(path: Path = EFFICIENCY_FILE) -> dict[str, Efficiency]:
     return out
 
 
-def efficiency_for(profile: DeviceProfile) -> Efficiency:
+@dataclass(frozen=True)
+class DeviceScale:
+    """One device's correction of its class's factors, fitted on that device's own published figures.
+
+    ``compute`` multiplies every compute efficiency (it absorbs an error in the profile's peak
+    rates, which for Snapdragon NPUs are not published); ``overhead`` multiplies the per-layer
+    and per-inference overheads (a newer runtime or faster clocks launch faster).
+    """
+
+    device: str
+    compute: float
+    overhead: float
+    source: str
+
+
+@functools.cache
+def load_device_scales(path: Path = EFFICIENCY_FILE) -> dict[str, DeviceScale]:
+    """The ``[devices.ID]`` tables of efficiency.toml; a non-numeric factor names file and key."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        return {}  # load_efficiency reports the file's problem
+    out: dict[str, DeviceScale] = {}
+    for dev, table in data.get("devices", {}).items():
+        vals = {}
+        for key in ("compute", "overhead"):
+            v = table.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise InputError(f"{path}: devices.{dev}.{key} is missing or not a positive number ({v!r})")
+            vals[key] = float(v)
+        if not str(table.get("source", "")).strip():
+            raise InputError(f"{path}: devices.{dev} has no source")
+        out[dev] = DeviceScale(dev, vals["compute"], vals["overhead"], str(table["source"]))
+    return out
+
+
+def scaled(eff: Efficiency, scale: DeviceScale) -> Efficiency:
+    """The class factors with one device's correction applied (the source says so)."""
+    return replace(
+        eff, compute={k: v * scale.compute for k, v in eff.compute.items()},
+        layer_overhead_us=eff.layer_overhead_us * scale.overhead, model_overhead_us=eff.model_overhead_us * scale.overhead,
+        source=f"{eff.source}; {scale.device}: compute x{scale.compute:.3g}, overheads x{scale.overhead:.3g} ({scale.source})",
+    )
+
+
+def efficiency_for(profile: DeviceProfile, device_scale: bool = True) -> Efficiency:
+    """The class's fitted factors, corrected for this device when efficiency.toml has a fit for it."""
     table = load_efficiency()
     if profile.device_class not in table:
         raise InputError(
             f"{profile.file}: no efficiency factors for device class {profile.device_class!r} "
             f"(classes with factors: {', '.join(table) or 'none'})"
         )
-    return table[profile.device_class]
+    eff = table[profile.device_class]
+    scale = load_device_scales().get(profile.id) if device_scale else None
+    return scaled(eff, scale) if scale else eff
 
 
 def compute_precision(precision: str, eff: Efficiency) -> str:

@@ -1,10 +1,12 @@
 """Fit the roofline's efficiency factors per device class on published latencies.
 
 ``published/*.toml`` holds measurements with their sources; each is marked
-``fit`` (used to fit) or ``holdout`` (only checked). The fit minimises the
-squared log error of the estimate over the fit points, with a weak pull toward
-the prior so classes with few points stay well-posed; the report gives the
-error of every point, fitted or held out.
+``fit`` (fits its device class's factors), ``fit_device`` (fits only its own
+device's two corrections, compute and overhead scale, with the class factors
+fixed: for devices whose peak figures are uncertain) or ``holdout`` (only
+checked). Each fit minimises the squared log error of the estimate over its
+points, with a weak pull toward the prior so classes with few points stay
+well-posed; the report gives the error of every point, fitted or held out.
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import tomllib
 from dscompile.compiler.capabilities import Layer
 from dscompile.errors import InputError
 from dscompile.profiles.devices import get_device
-from dscompile.profiles.estimate import Efficiency, load_efficiency, model_estimate
+from dscompile.profiles.estimate import (
+    DeviceScale,
+    Efficiency,
+    load_efficiency,
+    model_estimate,
+    scaled,
+)
 
 PUBLISHED_DIR = Path(__file__).parent / "published"
-ROLES = ("fit", "holdout")
+ROLES = ("fit", "fit_device", "holdout")
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,30 @@ def fit_class(device_class: str, points: Sequence[Published], layers_for: Layers
     return _apply(prior, result.x)
 
 
+def fit_device(device: str, points: Sequence[Published], layers_for: LayersFor, prior_weight: float = 0.02) -> DeviceScale:
+    """One device's compute and overhead scales, fitted on its ``fit_device`` points (class factors fixed)."""
+    from scipy.optimize import least_squares
+
+    base = load_efficiency()[get_device(device).device_class]
+    pts = [p for p in points if p.device == device and p.role == "fit_device"]
+    if not pts:
+        raise InputError(f"device {device!r}: no published measurement marked role = \"fit_device\"")
+    layers = [layers_for(p.model, p.classes, base.unfused_ops) for p in pts]
+
+    def scale(theta: np.ndarray) -> DeviceScale:
+        return DeviceScale(device, float(np.exp(theta[0])), float(np.exp(theta[1])), "")
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        eff = scaled(base, scale(theta))
+        errs = [math.log(estimate_ms(p, lay, eff) / p.latency_ms) for p, lay in zip(pts, layers, strict=True)]
+        return np.concatenate([errs, prior_weight * theta])
+
+    x = least_squares(residuals, np.zeros(2), bounds=(np.log([0.1, 0.05]), np.log([10.0, 20.0]))).x
+    used = "; ".join(f"{p.model}/{p.precision}" for p in pts)
+    return replace(scale(x), source=f"fitted on {len(pts)} published latencies of this device in "
+                                    f"published/{Path(pts[0].file).name} ({used})")
+
+
 def error_table(points: Sequence[Published], layers_for: LayersFor) -> list[dict[str, object]]:
     """Each published point beside the current estimate (factors from efficiency.toml)."""
     rows = []
@@ -133,7 +165,8 @@ def class_of(point: Published) -> str:
     return get_device(point.device).device_class
 
 
-def efficiency_toml(effs: dict[str, Efficiency], summaries: dict[str, str]) -> str:
+def efficiency_toml(effs: dict[str, Efficiency], summaries: dict[str, str],
+                    devices: dict[str, DeviceScale] | None = None) -> str:
     """The text of efficiency.toml for fitted classes (classes not refitted keep their prior)."""
     lines = [
         "# Efficiency factors per device class for the roofline in estimate.py.",
@@ -163,10 +196,13 @@ def efficiency_toml(effs: dict[str, Efficiency], summaries: dict[str, str]) -> s
         if eff.rate_scale:
             lines.append("rate_scale = { " + ", ".join(f"{k} = {v:.4g}" for k, v in eff.rate_scale.items()) + " }")
         lines.append("")
+    for dev, sc in (devices or {}).items():
+        lines += [f"[devices.{dev}]  # corrections of its class's factors", f'source = "{sc.source}"',
+                  f"compute = {sc.compute:.4g}", f"overhead = {sc.overhead:.4g}", ""]
     return "\n".join(lines)
 
 
 __all__ = [
     "PUBLISHED_DIR", "Published", "class_of", "efficiency_toml", "error_table",
-    "estimate_ms", "fit_class", "load_published",
+    "estimate_ms", "fit_class", "fit_device", "load_published",
 ]

@@ -17,6 +17,7 @@ import onnx
 
 from dscompile.calibration.table import CalibrationTable, write_trt_cache
 from dscompile.compiler.capabilities import ActivationScheme, Cost, Layer, TargetCapabilities
+from dscompile.compiler.fp16_emulate import emulate_fp16
 from dscompile.compiler.graph import ModelGraph, static_shapes
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan
@@ -41,6 +42,7 @@ from dscompile.targets.tensorrt_script import (
     how_to_run,
 )
 from dscompile.targets.tensorrt_shapes import check_profile
+from dscompile.targets.tensorrt_verdicts import layer_verdicts
 from dscompile.targets.tensorrt_versions import TensorRTRelease, dla_cores, release_for_device
 
 DEFAULT_DEVICE = "jetson-agx-orin-64gb"
@@ -63,20 +65,32 @@ class RooflineCost:
         return layer_cost(self.profile, layer, precision)
 
 
+# onnxruntime >= 1.2x's QDQPropagationTransformer copies Q/DQ past MaxPool/Reshape/Transpose/... and, at
+# opset >= 21, writes output_dtype=INT8 on the Q it inserts (microsoft/onnxruntime PR #28144, the fix
+# of #27845); the x86 QDQS8ToU8Transformer then turns the shared zero point into UINT8 without
+# touching output_dtype, and session creation fails ("output_dtype INT8 does not match y_zero_point
+# type UINT8"; same family: #28491 / PR #28521, #25526). The propagation only re-quantizes a value
+# already on the grid (max, reshape and transpose keep int8 codes exact), so skipping it changes no
+# number; every other default optimization (QDQ fusion into integer kernels, as TensorRT fuses) runs.
+ORT_SKIPPED_OPTIMIZERS = ("QDQPropagationTransformer",)
+
+
 class TensorRTRunner(OrtRunner):
     """onnxruntime on model.qdq.onnx: the same Q/DQ and FP16 arithmetic TensorRT executes.
 
-    Graph optimizations are off: onnxruntime's own QDQ rewrites (int8 -> uint8 on x86, fusions)
-    are not what TensorRT runs, and at opset 21 one of them emits an invalid QuantizeLinear.
+    Default graph optimizations except ``ORT_SKIPPED_OPTIMIZERS`` (see the comment there); FP16
+    tensors rounded where produced (compiler/fp16_emulate.py: onnxruntime's CPU would otherwise run
+    FP16 layers in FP32 and hide their error).
     """
 
     def __init__(self, model: Path | str, threads: int | None = None) -> None:
         self.threads = threads
-        self.session = ort_session(model, threads, optimize=False)
+        self.session = ort_session(emulate_fp16(onnx.load(str(model))), threads, disabled_optimizers=ORT_SKIPPED_OPTIMIZERS)
 
     def where(self) -> str:
-        return (f"{super().where()} with graph optimizations off, running {MODEL_FILE} in place of TensorRT "
-                "(reference Q/DQ and FP16 arithmetic; TensorRT's kernels differ by rounding)")
+        return (f"{super().where()}, default graph optimizations but QDQPropagationTransformer, running "
+                f"{MODEL_FILE} in place of TensorRT: its Q/DQ, and every FP16 tensor rounded to FP16 where produced "
+                "(computed in FP32; TensorRT's kernels differ by rounding and accumulation)")
 
 
 def tensorrt_importable() -> bool:
@@ -96,7 +110,10 @@ class TensorRTTarget:
         return DEFAULT_DEVICE
 
     def capabilities(self, graph: ModelGraph, device: str) -> TargetCapabilities:
-        return TargetCapabilities(self.name, device, MENU, RooflineCost(device), ActivationScheme("entropy", True))
+        # The rule checker's verdicts per layer: DMPQ never picks a precision TensorRT refuses or runs no faster.
+        verdicts = layer_verdicts(graph, release_for_device(device), self.name)
+        return TargetCapabilities(self.name, device, MENU, RooflineCost(device), ActivationScheme("entropy", True),
+                                  check=verdicts.check, advice=verdicts.advise)
 
     def lower(
         self, graph: ModelGraph, plan: QuantPlan | None, table: CalibrationTable | None,
@@ -104,7 +121,7 @@ class TensorRTTarget:
     ) -> Artifact:
         device = options.device or DEFAULT_DEVICE
         release = release_for_device(device)
-        profile = check_profile(graph.inputs, options.shapes)
+        profile = check_profile(graph.inputs, options.shapes, table)
         if options.build_engine and not options.remote and not tensorrt_importable():
             raise MissingBackendError("the tensorrt Python package (needed for --build)", TENSORRT_INSTALL)
         plan = plan or default_plan(graph, table, self.name, device)

@@ -15,11 +15,14 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dscompile.errors import DscompileError, InputError, MissingBackendError
+from dscompile.profiles.devices import DeviceProfile
+from dscompile.profiles.matrix import Cell, measured_cell, missing_cell
 from dscompile.targets.tensorrt_log import measured_cells, parse_log
 from dscompile.targets.tensorrt_script import (
     ENGINE_FILE,
@@ -28,6 +31,7 @@ from dscompile.targets.tensorrt_script import (
     TIMING_CACHE_FILE,
     TrtexecJob,
 )
+from dscompile.targets.tensorrt_shapes import Profile
 
 CONNECT_TIMEOUT_S = 10
 BUILD_TIMEOUT_S = 3 * 3600  # large models take a long time to build on an Orin Nano
@@ -46,6 +50,10 @@ echo "trtexec=$(command -v trtexec || { test -x /usr/src/tensorrt/bin/trtexec &&
 
 class RemoteError(DscompileError):
     """The board could not be reached, refused us, or its TensorRT failed."""
+
+
+class TrtexecFailed(RemoteError):
+    """The board was reached but its trtexec rejected the model (parser or builder error)."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,7 @@ def _build(ssh: SshTransport, info: dict[str, str], workdir: str, stage: Path, j
     ssh.get(f"{workdir}/{LOG_FILE}", stage / LOG_FILE)
     run = parse_log((stage / LOG_FILE).read_text(errors="replace"))
     if rc is None or int(rc.group(1)) != 0 or run.failed:
-        raise RemoteError(f"remote {label}: {run.first_error()}")
+        raise TrtexecFailed(f"remote {label}: {run.first_error()}")
     ssh.get(f"{workdir}/{ENGINE_FILE}", stage / ENGINE_FILE)
     ssh.get(f"{workdir}/{TIMING_CACHE_FILE}", stage / TIMING_CACHE_FILE)
     board = {
@@ -180,3 +188,84 @@ def _build(ssh: SshTransport, info: dict[str, str], workdir: str, stage: Path, j
     timing.update(board)
     return {"built": True, "where": "remote", "remote": label, "board": board, "engine": ENGINE_FILE,
             "log": LOG_FILE, "timing": timing}
+
+
+# ---------------------------------------------------------------- the FPS matrix (dscompile profile --remote)
+
+
+def remote_cells(
+    path: Path, remote: str, profile: DeviceProfile, batch: int = 1, *, model: str = "", precision: str = "fp32",
+    shapes: dict[str, tuple] | None = None, **_: Any,
+) -> list[Cell]:
+    """Build and time an ONNX model or QDQ artifact on the Jetson over SSH: one measured cell.
+
+    A board that cannot be reached or refuses us raises (one line, before anything is written); a
+    model the board's TensorRT rejects gives a missing cell saying why, and the matrix goes on. A
+    trtexec that is a test stand-in (its log carries STAND_IN_MARKER) gives a missing cell: what it
+    prints is never reported as a measurement of a board.
+    """
+    path = Path(path)
+    name = model or path.name.split(".")[0]
+    if path.suffix != ".onnx":
+        return [missing_cell(name, profile.id, precision, f"--remote over SSH builds the engine from ONNX; {path.name} "
+                             "is not (profile the build folder or its model.qdq.onnx)", batch)]
+    parse_remote(remote)  # bad syntax is the user's one-line error, not a cell
+    try:
+        job_shapes, run_batch = _shapes_at_batch(path, shapes or {}, batch)
+    except InputError as exc:
+        return [missing_cell(name, profile.id, precision, f"not measured: {exc}", batch)]
+    with tempfile.TemporaryDirectory(prefix="dscompile-remote-") as tmp:
+        stage = Path(tmp)
+        shutil.copyfile(path, stage / MODEL_FILE)
+        job = TrtexecJob(strongly_typed=_strongly_typed(profile), shapes=job_shapes)
+        try:
+            result = build_remote(stage, job, remote)
+        except TrtexecFailed as exc:
+            return [missing_cell(name, profile.id, precision, f"not measured: {exc}", run_batch)]
+    return [_timing_cell(result, name, profile.id, precision, run_batch)]
+
+
+def _timing_cell(result: dict[str, Any], name: str, device: str, precision: str, batch: int) -> Cell:
+    timing = result["timing"]
+    where = timing.get("where", result.get("remote", "the board"))
+    if timing.get("kind") != "measured":
+        return missing_cell(name, device, precision, f"not a measurement: {where} ({timing.get('kind')})", batch)
+    lat = timing.get("latency_ms", {})
+    p50 = lat.get("median", lat.get("mean"))
+    if not p50:
+        return missing_cell(name, device, precision, f"trtexec printed no latency ({where})", batch)
+    extra = {k: timing[k] for k in ("throughput_qps", "gpu_compute_ms", "jetpack", "l4t") if timing.get(k)}
+    return measured_cell(
+        name, device, precision, batch, float(p50), float(lat.get("p99", p50)),
+        source=f"measured: {where}", runtime=f"TensorRT {timing.get('tensorrt') or '?'} (trtexec)",
+        machine=str(timing.get("board") or result.get("remote", "")), extra={"remote": result.get("remote"), **extra},
+    )
+
+
+def _strongly_typed(profile: DeviceProfile) -> bool:
+    """--stronglyTyped exists from TensorRT 10 (the profile's [software] tensorrt); 8.x takes --int8 --fp16."""
+    m = re.match(r"(\d+)", profile.software.get("tensorrt", "10"))
+    return not m or int(m.group(1)) >= 10
+
+
+def _shapes_at_batch(path: Path, shapes: dict[str, tuple], batch: int) -> tuple[Profile | None, int]:
+    """trtexec shapes for the model's dynamic inputs at ``batch`` (None: a static model runs at its own batch)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    fixed: dict[str, tuple[int, ...]] = {}
+    own_batch = 1
+    for vi in (v for v in model.graph.input if v.name not in inits):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if None not in dims:
+            own_batch = dims[0] if dims else own_batch
+            continue
+        given = list(shapes.get(vi.name, ()))
+        if len(given) != len(dims) or not all(isinstance(g, int) and g > 0 for g in given[1:]):
+            raise InputError(f"{path.name}: input {vi.name!r} has dynamic dimensions: give --input-shape "
+                             f"{vi.name}:1x... so the board can build it")
+        fixed[vi.name] = tuple([batch, *given[1:]])
+    if not fixed:
+        return None, own_batch
+    return {"min": fixed, "opt": fixed, "max": fixed}, batch

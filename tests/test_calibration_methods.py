@@ -106,6 +106,40 @@ def test_histogram_memory_is_bounded_whatever_the_range():
     assert h.counts.sum() == 5 * 1001 and h.absmax == pytest.approx(1e6)
 
 
+def test_update_kernel_is_the_plain_binning_block_by_block():
+    """The vectorised kernel against numpy, over several blocks, one of them holding NaN/Inf."""
+    from dscompile.calibration.kernels import update_abs
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(3 * 4096 + 77) * 3).astype(np.float32)
+    x[5000:5003] = [np.nan, np.inf, -np.inf]
+    counts = np.zeros(300, np.int64)
+    inv = np.float32(300 / 5.0)  # values past 5.0 overflow
+    lo, hi, overflow, nonfinite = update_abs(x, x.view(np.int32), counts, float(inv))
+    finite = x[np.isfinite(x)]
+    j = (np.abs(finite) * inv).astype(np.int64)  # float32 product, as the kernel computes it
+    assert (counts == np.bincount(j[j < 300], minlength=300)).all()
+    assert (overflow, nonfinite) == (int((j >= 300).sum()), 3)
+    assert (lo, hi) == (float(finite.min()), float(finite.max()))
+
+
+def test_runs_are_cut_to_the_activation_budget():
+    from dscompile.calibration.collect import _Splitter
+
+    split = _Splitter(budget=1000, dynamic=True)
+    feed = {"x": np.arange(40, dtype=np.float32).reshape(20, 2)}
+    rows = []
+    for part in split([feed]):  # the first run is one row; then 1000 B / (10 B per input value * 2) = 50 rows
+        rows.append(len(part["x"]))
+        split.observe(part, [np.zeros(len(part["x"]) * 5, np.float32)])  # 20 B of activations per row
+    assert rows == [1, 19]
+    assert np.array_equal(np.concatenate([p["x"] for p in _Splitter(40, True)([feed])]), feed["x"])
+    split = _Splitter(budget=40, dynamic=True)
+    split.observe(feed, [np.zeros(200, np.float32)])  # 800 B for 20 rows: 40 B per row
+    assert [len(p["x"]) for p in split([feed])] == [1] * 20
+    assert [len(p["x"]) for p in _Splitter(40, dynamic=False)([feed])] == [20]
+
+
 def test_zeros_and_non_finite_values():
     s = StreamingHistogram()
     s.update(np.zeros(10, np.float32))

@@ -4,6 +4,7 @@ data, the learned integers reach the built artifact unchanged, and bad runs neve
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -11,11 +12,17 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from dscompile.calibration.collect import calibrate
 from dscompile.compiler.distill import DistillOptions, distill, model_with_rtn
 from dscompile.compiler.distill_capture import run_outputs, student_model
 from dscompile.compiler.distill_state import current_entries, planned_layers
+from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.ingest import ingest
+from dscompile.compiler.layers import find_layers
 from dscompile.compiler.normalize import normalize
+from dscompile.compiler.plan import with_table_ranges
+from dscompile.compiler.qat import FakeQuantLayer
+from dscompile.compiler.qdq import affine_params
 from dscompile.errors import InputError
 from dscompile.targets.base import BuildOptions, get_target
 from tests.distill_support import feeds_of, uniform_plan
@@ -136,3 +143,44 @@ def test_too_few_samples_warns_with_the_number(setup, caplog):
     assert "only 8 calibration samples" in caplog.text
     with pytest.raises(InputError, match="got 1"):
         distill(graph, plan, calib[:1], DistillOptions(mode="bias"))
+
+
+def test_e2e_starts_from_the_calibration_tables_ranges(setup, digits):
+    """A plan that leaves activation ranges to the table (``build --plan`` with --calib) gets them
+    filled in as the lowering resolves them: the entry quantisers, and e2e's starting step sizes,
+    are the table's, not missing."""
+    _, graph, calib = setup
+    plan = uniform_plan(graph, ALL_INT8, calib, weight_bits=4)
+    bare = replace(plan, layers=tuple(replace(lp, activations={"method": "minmax", "symmetric": False})
+                                      for lp in plan.layers))
+    model = normalize(graph.model)
+    assert all(pl.act is None for pl in planned_layers(model, bare)[0])  # without the table: no entry grid
+    table = calibrate(graph.model, calib, model_sha256=graph.sha256, data_sha256="digits", progress=False)
+    g = ModelGraph(model, graph.inputs, graph.outputs, graph.source, graph.layer_map)
+    filled = with_table_ranges(bare, find_layers(g), table, {o.name for o in model.graph.output},
+                               {t.name for t in model.graph.initializer})
+    layers, _ = planned_layers(model, filled)
+    assert layers and all(pl.act is not None for pl in layers)
+    for pl in layers:  # minmax, asymmetric uint8: the ort-cpu lowering's arithmetic on the table's min/max
+        tr = table.tensors[pl.spec.x]
+        scale, _ = affine_params(tr.min, tr.max, "uint8")
+        assert FakeQuantLayer(pl).entry.learned().scale == pytest.approx(float(scale), rel=1e-6)
+    module = torch.jit.load(str(digits.torchscript))
+    res = distill(graph, bare, calib, DistillOptions(mode="e2e", steps=20, max_samples=64), torch_module=module,
+                  table=table)
+    for pl in layers:  # the plan handed to the build carries the ranges e2e started from (or learned)
+        assert pl.spec.x in res.plan.layer(pl.plan.name).activations["ranges"]
+
+
+def test_a_spent_time_budget_keeps_round_to_nearest_and_says_so(setup, caplog):
+    """--distill-time covers the whole stage: with none left after the held-out check, no layer is
+    captured or learned; they stay round-to-nearest, and the report and a warning say which."""
+    _, graph, calib = setup
+    plan = uniform_plan(graph, ALL_INT8, calib, weight_bits=4)
+    with caplog.at_level(logging.WARNING, logger="dscompile"):
+        res = distill(graph, plan, calib, DistillOptions(steps=150, max_samples=96, time_s=1e-3))
+    rep = res.report
+    assert len(rep["out_of_time"]) == len(rep["layers"]) == 4 and rep["time_budget_s"] == 1e-3
+    assert all(lay["method"] == "rtn" for lay in rep["layers"])
+    assert rep["fidelity"]["after"]["nmse"] == pytest.approx(rep["fidelity"]["before"]["nmse"], rel=1e-6)
+    assert "time budget" in caplog.text and "4 of 4 layers stay round-to-nearest" in caplog.text

@@ -86,6 +86,51 @@ def test_distill_options_need_distill(cli, digits, data):
     assert r.returncode == 2 and "need --distill" in r.stderr
 
 
+@pytest.fixture(scope="module")
+def plan_file(digits, data):
+    """A W4A8-style plan (int8 Conv/Gemm) whose activation ranges are left to the calibration table."""
+    from dscompile.compiler.ingest import ingest
+    from tests.distill_support import feeds_of, uniform_plan
+
+    graph = ingest(digits.onnx).graph
+    plan = uniform_plan(graph, {"Conv": "int8", "Gemm": "int8"}, feeds_of(digits.calib[:32], "x"))
+    bare = plan.to_json()
+    for lp in bare["layers"]:
+        lp["activations"].pop("ranges", None)
+    path = data / "plan.json"
+    path.write_text(json.dumps(bare))
+    return path, plan
+
+
+def test_build_with_a_plan_distills_from_the_cli(cli, digits, data, plan_file):
+    path, plan = plan_file
+    out = data / "built.onnx"
+    r = cli("build", digits.onnx, "--plan", path, "--calib", data / "calib.npz", "--distill", *FAST, "-o", out,
+            "--force")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    dist = report["distillation"]
+    assert dist["mode"] == "layer" and len(dist["layers"]) == 4
+    assert "artifact" in dist["fidelity"]["measured_with"]
+    assert dist["fell_back"] or dist["fidelity"]["after"]["nmse"] <= dist["fidelity"]["before"]["nmse"]
+    built = {lp["name"]: lp for lp in report["plan_json"]["layers"]}
+    for lp in plan.layers:  # precisions exactly as planned; the ranges the table gave are written in
+        assert built[lp.name]["precision"] == lp.precision
+        if lp.precision == "int8":
+            assert built[lp.name]["activations"]["ranges"] and "distill" in built[lp.name]["extra"]
+    assert "distill (layer)" in r.stdout
+
+
+def test_build_distill_bad_inputs(cli, digits, data, plan_file):
+    path, _ = plan_file
+    r = cli("build", digits.onnx, "--plan", path, "--calib", data / "calib.npz", "--distill-steps", "5")
+    assert r.returncode == 2 and "need --distill" in r.stderr
+    out = data / "bad_build.onnx"
+    r = cli("build", digits.onnx, "--plan", path, "--calib", data / "calib.npz", "--distill", "e2e", "-o", out)
+    assert r.returncode == 1 and len(r.stderr_lines) == 1
+    assert r.stderr_lines[0].startswith("dscompile: error: --distill e2e needs") and not out.exists()
+
+
 def test_interrupt_leaves_no_half_written_artifact(digits, data):
     out = data / "interrupted.onnx"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

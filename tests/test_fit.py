@@ -42,6 +42,29 @@ def test_fit_recovers_latencies_from_known_factors():
         assert fit.estimate_ms(p, NETS[p.model], fitted) == pytest.approx(p.latency_ms, rel=0.05), p.model
 
 
+def test_device_fit_recovers_its_compute_and_overhead_scales():
+    device = "raspberry-pi-5"  # class "cpu": the class factors stay as they are, the device gets two scales
+    base = estimate.load_efficiency()["cpu"]
+    truth = estimate.scaled(base, estimate.DeviceScale(device, 0.6, 2.5, "truth"))
+    points = []
+    for name, layers in NETS.items():
+        p = fit.Published(name, device, "int8", 1, 1.0, "fit_device", "synthetic", "generated", "test.toml")
+        points.append(replace(p, latency_ms=fit.estimate_ms(p, layers, truth)))
+    sc = fit.fit_device(device, points, lambda m, _c, _u: NETS[m], prior_weight=0.0)
+    assert sc.compute == pytest.approx(0.6, rel=0.02) and sc.overhead == pytest.approx(2.5, rel=0.02)
+    assert sc.source.startswith("fitted on 4 published latencies of this device")
+
+
+def test_device_scales_file_errors_name_the_key(tmp_path):
+    bad = tmp_path / "eff.toml"
+    bad.write_text('[devices.raspberry-pi-5]\nsource = "s"\ncompute = "more"\noverhead = 1\n')
+    with pytest.raises(InputError, match=r"devices.raspberry-pi-5.compute is missing or not a positive number"):
+        estimate.load_device_scales(bad)
+    bad.write_text('[devices.raspberry-pi-5]\ncompute = 1\noverhead = 1\n')
+    with pytest.raises(InputError, match=r"devices.raspberry-pi-5 has no source"):
+        estimate.load_device_scales(bad)
+
+
 def test_fit_needs_fit_points():
     p = fit.Published("big", "raspberry-pi-5", "int8", 1, 1.0, "holdout", "", "x", "t.toml")
     with pytest.raises(InputError, match="no published measurement marked"):

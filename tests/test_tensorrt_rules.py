@@ -145,3 +145,65 @@ def test_cli_bad_shapes(cli, dynamic_transformer, tmp_path, bad):
     r = cli("--target", "jetson-orin", dynamic_transformer, "--shapes", bad, "-o", tmp_path / "o")
     assert r.returncode == 1 and len(r.stderr_lines) == 1 and "--shapes" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_dynamic_shapes_profile_from_calibration(cli, dynamic_transformer, transformer, tmp_path):
+    """No --shapes but --calib data: the profile is the calibration samples' shapes, said on stderr."""
+    data = tmp_path / "calib.npy"
+    np.save(data, np.concatenate([transformer.calib[:24], transformer.test_x[:8]]))
+    out = tmp_path / "out"
+    r = cli("--target", "jetson-orin", dynamic_transformer, "--calib", data, "--verify-samples", "8", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "profile from the calibration samples' shapes" in r.stderr and "--shapes ids:1x16/1x16/1x16" in r.stderr
+    script = (out / "build_engine.sh").read_text()
+    assert "--minShapes=ids:1x16" in script and "--optShapes=ids:1x16" in script and "--maxShapes=ids:1x16" in script
+
+
+def test_calibration_records_variable_shapes():
+    from dscompile.calibration.shapes import InputShapes, seen_shapes
+    from dscompile.compiler.graph import TensorSpec
+    from dscompile.targets.tensorrt_shapes import check_profile
+
+    shapes = InputShapes()
+    for width in (64, 200, 96, 320, 128):
+        shapes.add({"x": np.zeros((1, 3, 48, width), np.float32)})
+    shapes.add({"x": np.zeros((4, 3, 48, 80), np.float32)})  # a batched run counts per sample
+    summary = shapes.summary()
+    assert summary["x"] == {"min": [1, 3, 48, 64], "opt": [1, 3, 48, 96], "max": [1, 3, 48, 320]}
+
+    class Table:
+        extra = {"input_shapes": summary}
+
+    assert seen_shapes(Table.extra)["x"]["max"] == (1, 3, 48, 320)
+    spec = TensorSpec("x", ("batch", 3, 48, "width"))
+    profile = check_profile([spec], None, Table())
+    assert profile["opt"]["x"] == (1, 3, 48, 96) and profile["max"]["x"] == (1, 3, 48, 320)
+
+
+def _variable_width_conv(path):
+    """Conv -> ReLU -> GlobalAveragePool over [1, 4, 8, W], W dynamic (like a text-line recogniser's input)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(32, 4, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(32, np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap")]
+    g = helper.make_graph(nodes, "g", [_vi("x", [1, 4, 8, "width"])], [_vi("y", [1, 32, 1, 1])], [w, b])
+    return _write(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_cli_variable_width_calibration_builds(cli, tmp_path):
+    """Samples of several widths: the profile spans them, and bias correction (which stacks samples) is skipped, said once."""
+    model = _variable_width_conv(tmp_path / "varw.onnx")
+    data = tmp_path / "samples"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i, width in enumerate([16, 24, 40, 16, 32, 56, 24, 48] * 4):
+        np.savez(data / f"{i:03d}.npz", x=rng.normal(size=(1, 4, 8, width)).astype(np.float32))
+    out = tmp_path / "out"
+    r = cli("--target", "jetson-orin", model, "--calib", data, "--verify-samples", "8", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "bias correction skipped: the calibration samples differ in shape" in r.stderr
+    assert r.stderr.count("profile from the calibration samples' shapes") == 1
+    script = (out / "build_engine.sh").read_text()
+    assert "--minShapes=x:1x4x8x16" in script and "--maxShapes=x:1x4x8x56" in script

@@ -38,7 +38,10 @@ def _batches(text: str) -> tuple[int, ...]:
 @click.option("--threads", type=int, help="Threads for measurements on this machine (default: all cores).")
 @click.option("--budget", type=float, default=3.0, show_default=True, help="Seconds of timing per batch size.")
 @click.option("--no-batch-search", is_flag=True, help="Measure batch 1 only (skip the best-batch search).")
-@click.option("--remote", help="user@host[:port] or adb:SERIAL: also measure on that board (see the target docs).")
+@click.option("--remote", help="user@host[:port] (a Jetson, over SSH) or adb:SERIAL (a phone): also measure on that "
+              "board, as the first listed device of that kind.")
+@click.option("--benchmark-binary", type=click.Path(path_type=Path, dir_okay=False),
+              help="TFLite benchmark_model to push for --remote adb:SERIAL.")
 @click.option("--sources", "show_sources", is_flag=True, help="Show where each number comes from.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for matrix.json/.csv/.md/.png.")
@@ -46,8 +49,9 @@ def _batches(text: str) -> tuple[int, ...]:
 @model_options
 @common_options
 def command(inputs: tuple[Path, ...], devices: str, precisions: str, batches: str, threads: int | None,
-            budget: float, no_batch_search: bool, remote: str | None, show_sources: bool, output: Path | None,
-            force: bool, ingest_options: IngestOptions, as_json: bool) -> None:
+            budget: float, no_batch_search: bool, remote: str | None, benchmark_binary: Path | None,
+            show_sources: bool, output: Path | None, force: bool, ingest_options: IngestOptions,
+            as_json: bool) -> None:
     """Frames per second and latency of models or built artifacts, per device and precision.
 
     Cells on this machine are measured (onnxruntime, LiteRT when installed); cells on
@@ -70,7 +74,7 @@ def command(inputs: tuple[Path, ...], devices: str, precisions: str, batches: st
     opts = ProfileOptions(
         devices=_csv(devices), precisions=_csv(precisions), batches=_batches(batches),
         settings=Settings(threads=threads, budget_s=budget, best_batch=not no_batch_search),
-        remote=remote, ingest=ingest_options,
+        remote=remote, ingest=ingest_options, benchmark_binary=benchmark_binary,
     )
     matrix = api.profile(list(inputs), output=output, force=force, options=opts)
     if as_json:
