@@ -90,7 +90,18 @@ def sweep(make_run, feed: Feed, settings: Settings) -> tuple[dict[int, dict[str,
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process's own address space.
+
+    Linux's ru_maxrss survives exec: a spawned child reports its parent's resident size at fork time
+    (the same figure for every model). VmHWM belongs to the current address space, so it reads it first.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if os.uname().sysname != "Darwin" else peak / 2**20
 
