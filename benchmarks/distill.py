@@ -262,6 +262,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="steps per layer (default 1000, --quick 200)")
     ap.add_argument("--e2e-steps", type=int, help="e2e steps (default 400, --quick 60)")
     ap.add_argument("--time-budget", type=float, help="seconds of learning per run (default: none, steps decide)")
+    ap.add_argument("--models", help="comma-separated name parts to run (default: all), e.g. digits,onet")
     ap.add_argument("--work", type=Path, default=ROOT / ".bench_cache" / "distill")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -276,7 +277,8 @@ def main() -> None:
     if args.only_resnet18:
         return resnet18_timing(args.work)
     for m in build_models(args.work):
-        run_model(m, steps, e2e_steps, time_s)
+        if not args.models or any(k.lower() in m["name"].lower() for k in args.models.split(",")):
+            run_model(m, steps, e2e_steps, time_s)
     if args.resnet18:
         resnet18_timing(args.work)
 

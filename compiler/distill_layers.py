@@ -36,6 +36,7 @@ from dscompile.compiler.distill_state import (
 log = logging.getLogger("dscompile")
 
 Feed = dict[str, np.ndarray]
+MIN_HELD = 8  # held-out samples per layer at least, to choose between rounding candidates
 LayerProgress = Callable[[str, int, int, int, int, float], None]  # (layer, index, count, step, steps, loss)
 
 
@@ -93,7 +94,9 @@ def _one_layer(model, layers, pl: PlannedLayer, fp32: Capturer, train, holdout, 
                        [pl.spec.x], opts.threads, truncate=True)
     per_sample = _bytes_per_sample(fp32, pl, train[:1])
     n_train = samples_within(per_sample, opts.memory_mb * 0.75, len(train))
-    n_hold = samples_within(per_sample, opts.memory_mb * 0.25, len(holdout))
+    # held-out samples in proportion to the training ones (a quarter of all), as capture sizing assumes:
+    # when big models learn from fewer samples, capturing every held-out one would triple capture time
+    n_hold = min(samples_within(per_sample, opts.memory_mb * 0.25, len(holdout)), max(MIN_HELD, n_train // 3))
     fit = _layer_data(pl, student, fp32, train[:n_train])
     held = _layer_data(pl, student, fp32, holdout[:n_hold])
     layer = LayerModel(pl.spec, consts)

@@ -134,7 +134,8 @@ def distill_options(f: Callable) -> Callable:
     @click.option("--distill-steps", type=click.IntRange(min=1), metavar="N",
                   help="Steps per layer (layer, default 1000) or in total (e2e, default 2000).")
     @click.option("--distill-time", type=click.FloatRange(min=1), metavar="SECONDS",
-                  help="Time for learning (default 300); the schedules shorten to fit it.")
+                  help="Wall time of the distillation stage: checks, capture and learning (default 300); the "
+                       "schedules shorten to fit, and layers it does not reach stay round-to-nearest.")
     @click.option("--distill-samples", type=click.IntRange(min=2), default=256, show_default=True, metavar="N",
                   help="Calibration samples to learn from (a quarter more are held out to check the result).")
     @click.option("--distill-lsq", is_flag=True, help="Layer mode: also learn the input step sizes (LSQ).")
