@@ -40,7 +40,8 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
     Block by block, a branch-free loop that the compiler vectorises computes every value's bin
     and min/max on order-preserving integer keys of the float bits, then a scalar loop scatters
     the bins; a block holding NaN/Inf is redone by :func:`_update_slow`. Same counts, min and max
-    as the plain loop, about half its time (the scatter is what remains).
+    as the plain loop; measured 10-20% faster on YOLOv8n's activations (~1.8 ns per value on the
+    project VM): the scattered increments, which stay scalar, are most of what remains.
     """
     n = np.int32(counts.shape[0])
     nf = np.float32(n)
