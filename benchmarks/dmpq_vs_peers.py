@@ -4,7 +4,11 @@ Every tool gets the same calibration samples; every result is checked on the
 same held-out samples (never used to calibrate), with onnxruntime's CPU
 provider on this machine, one thread, against the FP32 model in the same run.
 
-    python benchmarks/dmpq_vs_peers.py [--cache DIR] [--only NAME] [--out results.json]
+    python benchmarks/dmpq_vs_peers.py [--cache DIR] [--only NAME] [--tools A,B] [--out results.json]
+
+A model whose ``meta["goal"]`` names a budget and fidelity floor gets a second
+dscompile row compiled with them (all-MiniLM-L6-v2: the issue's "1/6 of FP32
+size at cosine >= 0.99").
 
 Columns: task fidelity vs FP32 (top-1 agreement for classifiers; mean IoU of
 the FP32 top-10 anchors' boxes plus their class agreement for the detector;
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -122,21 +127,31 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def ours(model: BenchModel, out: Path, calib: list[Feed]) -> None:
+def ours(model: BenchModel, out: Path, calib: list[Feed], goal: dict | None = None) -> None:
+    """dscompile at its defaults, or (``goal``) with a size budget, fidelity floor and distillation."""
+    from dataclasses import replace
+
     from dscompile import api
+    from dscompile.compiler.allocate import parse_budget
+    from dscompile.compiler.distill import DistillOptions
     from dscompile.compiler.ingest import IngestOptions
+    from dscompile.compiler.repair import parse_goal
     from dscompile.compiler.shapes import parse_input_shape
-    from dscompile.pipeline import CompileOptions
+    from dscompile.pipeline import CompileOptions, PlanSettings
 
     data = out.parent / (out.stem + "_calib")
     data.mkdir()
     for i, f in enumerate(calib):
         np.savez(data / f"{i:05d}.npz", **f)
     ing = IngestOptions(input_shapes=tuple(parse_input_shape(s, i) for i, s in enumerate(model.input_shapes)))
-    api.compile(model.path, output=out, options=CompileOptions(calib=data, force=True, ingest=ing, measure_latency=False))
+    opts = CompileOptions(calib=data, force=True, ingest=ing, measure_latency=False)
+    if goal:
+        planning = PlanSettings(parse_budget(goal["budget"]), parse_goal(goal["min_fidelity"]))
+        opts = replace(opts, planning=planning, distill=DistillOptions() if goal.get("distill") else None)
+    api.compile(model.path, output=out, options=opts)
 
 
-def tools(skip_modelopt: str) -> dict:
+def tools(skip_modelopt: str, model: BenchModel | None = None) -> dict:
     t = {
         "ort static MinMax": lambda m, o, c: peers.ort_static(m.path, o, c, "MinMax"),
         "ort static Entropy": lambda m, o, c: peers.ort_static(m.path, o, c, "Entropy"),
@@ -147,10 +162,15 @@ def tools(skip_modelopt: str) -> dict:
         t["modelopt entropy"] = lambda m, o, c: peers.modelopt(m.path, o, c, "entropy")
         t["modelopt max"] = lambda m, o, c: peers.modelopt(m.path, o, c, "max")
     t["dscompile (DMPQ)"] = ours
+    goal = model.meta.get("goal") if model is not None else None
+    if goal:  # the issue's goal for this kind of model, asked for at compile time
+        name = f"dscompile (DMPQ, {goal['budget']}, {goal['min_fidelity']}{', distill' if goal.get('distill') else ''})"
+        t[name] = lambda m, o, c: ours(m, o, c, goal)
     return t
 
 
-def bench(model: BenchModel, n_calib: int, n_hold: int, work: Path, skip_modelopt: str) -> list[dict]:
+def bench(model: BenchModel, n_calib: int, n_hold: int, work: Path, skip_modelopt: str,
+          only_tools: tuple[str, ...] = (), prebuilt: dict[str, Path] | None = None) -> list[dict]:
     feeds = model.make_feeds(n_calib + n_hold, 0)
     calib, hold = feeds[:n_calib], feeds[n_calib:]
     fp32 = _session(model.path)
@@ -158,13 +178,16 @@ def bench(model: BenchModel, n_calib: int, n_hold: int, work: Path, skip_modelop
     t_fp32 = _p50(fp32, hold[0])
     base = _size(model.path)
     rows = []
-    for name, fn in tools(skip_modelopt).items():
-        out = work / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.onnx"
-        row = {"model": model.name, "tool": name}
+    todo = {k: v for k, v in tools(skip_modelopt, model).items() if not only_tools or any(t in k for t in only_tools)}
+    for name, path in (prebuilt or {}).items():  # built beforehand from the same calibration samples
+        todo[name] = lambda m, o, c, path=path: shutil.copy(path, o)
+    for name, fn in todo.items():
+        out = work / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", name) + ".onnx")
+        row = {"model": model.name, "tool": name, **({"prebuilt": str(prebuilt[name])} if name in (prebuilt or {}) else {})}
         start = time.perf_counter()
         try:
             fn(model, out, calib)
-            row["tool_s"] = round(time.perf_counter() - start, 1)
+            row["tool_s"] = round(time.perf_counter() - start, 1) if "prebuilt" not in row else "built separately"
             sess = _session(out)
             row.update(fidelity(model.kind, ref, _run(sess, hold)))
             row["size_ratio"] = round(_size(out) / base, 4)
@@ -201,6 +224,9 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path("dmpq_vs_peers.json"))
     ap.add_argument("--no-zoo", action="store_true")
+    ap.add_argument("--tools", help="Comma-separated parts of tool names to run (e.g. 'dscompile,ort dynamic').")
+    ap.add_argument("--prebuilt", action="append", default=[], metavar="TOOL=MODEL.onnx",
+                    help="Also measure an artifact built beforehand on the same --calib samples (its tool time is not timed).")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     ok, why = peers.modelopt_available()
@@ -214,7 +240,9 @@ def main() -> None:
                 continue
             work = Path(tmp) / m.name.split()[0]
             work.mkdir(exist_ok=True)
-            rows += bench(m, args.calib, args.held_out, work, "" if ok else why)
+            only = tuple(t.strip() for t in args.tools.split(",")) if args.tools else ()
+            pre = {k: Path(v) for k, _, v in (p.partition("=") for p in args.prebuilt)}
+            rows += bench(m, args.calib, args.held_out, work, "" if ok else why, only, pre)
             shutil.rmtree(work, ignore_errors=True)
     result = {"versions": peers.describe(), "rows": rows,
               "where": "onnxruntime CPUExecutionProvider, 1 thread, this machine"}

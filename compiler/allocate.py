@@ -38,15 +38,16 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """``kl=0.01``, ``size=0.25``, ``latency=0.5``."""
+    """``kl=0.01``, ``size=0.25``, ``latency=0.5``; a fraction may be written ``size=1/6``."""
     kind, sep, val = text.partition("=")
     kind = kind.strip().lower()
+    num, slash, den = val.partition("/")
     try:
-        value = float(val)
-    except ValueError:
+        value = float(num) / float(den) if slash else float(val)
+    except (ValueError, ZeroDivisionError):
         value = float("nan")
     if not sep or kind not in BUDGET_KINDS or not np.isfinite(value) or value <= 0:
-        raise InputError(f"--budget {text!r}: expected kl=<divergence>, size=<fraction> or latency=<fraction> (> 0)")
+        raise InputError(f"--budget {text!r}: expected kl=<divergence>, size=<fraction> or latency=<fraction> (> 0; a/b allowed)")
     return Budget(kind, value)
 
 

@@ -53,6 +53,9 @@ class Layer:
     # A depthwise convolution (one input channel per group): runtimes run it on
     # vector units, not the matrix engines, so the estimate costs it differently.
     depthwise: bool = False
+    # Tensors inside the fused group that a static lowering quantises too (the input of a
+    # fused HardSwish, which ort-cpu runs on integers between the anchor and the layer output).
+    internal: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ ACT_MATMUL = "ActMatMul"
 # Ops onnxruntime (and the other runtimes) run on integers when their inputs are quantised.
 INTEGER_OPS = (
     "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize",
-    "Sigmoid", "LeakyRelu",
+    "Sigmoid", "LeakyRelu", "HardSwish",
 )
 _BINARY = ("Add", "Mul")  # layers only between two activations (residual adds, SiLU/GELU products)
 RECURRENT = ("GRU", "LSTM", "RNN")
 CONTROL_FLOW = ("If", "Loop", "Scan")
 # Fused after an anchor when they are its only consumer.
 _FUSED_NORM = ("BatchNormalization",)
-_FUSED_ACT = ("Relu", "Clip")
+_FUSED_ACT = ("Relu", "Clip", "HardSwish")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def _embedding_layer(node: onnx.NodeProto, index: GraphIndex, layer_map: dict[st
 
 def _data_inputs(op: str, node: onnx.NodeProto) -> int:
     """How many leading inputs of an op carry data (Resize's roi/scales/sizes do not)."""
-    return 1 if op in ("Resize", "MaxPool", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu") else len(node.input)
+    return 1 if op in ("Resize", "MaxPool", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "HardSwish") else len(node.input)
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -171,7 +171,7 @@ def _weighted_layer(node: onnx.NodeProto, index: GraphIndex, shapes: dict, layer
     if len(node.input) > 2 and node.input[2] and node.input[2] in index.initializers:
         weights.append(node.input[2])
     inputs = (a,) if weight else (a, b)
-    tail = node
+    tail, internal = node, []
     for kinds in (_FUSED_NORM, ("Add",), _FUSED_ACT):
         nxt = index.sole_consumer(tail.output[0])
         if nxt is None or nxt.op_type not in kinds:
@@ -184,12 +184,14 @@ def _weighted_layer(node: onnx.NodeProto, index: GraphIndex, shapes: dict, layer
             continue
         nodes.append(nxt)
         weights.extend(i for i in nxt.input if i in index.initializers and nxt.op_type != "Clip")
+        if nxt.op_type == "HardSwish":
+            internal.append(tail.output[0])
         tail = nxt
     params = _param_count(tuple(weights[:1]), index)
     macs = node_macs(node, shapes)
     module = layer_map.get(node.name) or next((layer_map[n.name] for n in nodes if n.name in layer_map), None)
     return Layer(node.name, anchor_op, tuple(n.name for n in nodes), inputs, (tail.output[0],), tuple(weights),
-                 module, params, macs)
+                 module, params, macs, internal=tuple(internal))
 
 
 def _is_bias_add(add: onnx.NodeProto, from_tensor: str, index: GraphIndex) -> bool:

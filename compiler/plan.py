@@ -159,8 +159,9 @@ def validate_layers(plan: QuantPlan, layers: list[Layer], caps: TargetCapabiliti
 
 
 def needed_tensors(lay: Layer, graph_outputs: set[str]) -> list[str]:
-    """Activation tensors a statically quantised layer needs ranges for: inputs and its output."""
-    return list(lay.inputs) + [o for o in lay.outputs[:1] if o not in graph_outputs]
+    """Activation tensors a statically quantised layer needs ranges for: inputs, its output and
+    the tensors inside it that its lowering quantises too."""
+    return list(lay.inputs) + [o for o in lay.outputs[:1] if o not in graph_outputs] + list(lay.internal)
 
 
 def plan_ranges(plan: QuantPlan, layers: list[Layer], table: CalibrationTable | None,

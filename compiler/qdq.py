@@ -124,8 +124,16 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
 
 
+# Clip ratios the int4 block quantisers try (of each block's range), keeping the one with the least
+# squared rounding error: 4-bit blocks of 32 are dominated by one or two outliers, and clipping them
+# halves the error of the rest. Same ratios as compiler/distill_quant.mse_params, and 1.0 first with a
+# strict "better", so weights already on a grid with their extremes on the end codes keep it exactly.
+CLIP_RATIOS = tuple(np.linspace(1.0, 0.5, 11))
+
+
 def block_int4(w: np.ndarray, block_size: int = 32, symmetric: bool = False) -> BlockInt4:
-    """Block-wise 4-bit quantisation of a [K, N] MatMul weight along K (MatMulNBits layout)."""
+    """Block-wise 4-bit quantisation of a [K, N] MatMul weight along K (MatMulNBits layout),
+    each block's range clipped where that lowers its rounding error (``CLIP_RATIOS``)."""
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
     kb = -(-k // block_size)
@@ -134,17 +142,41 @@ def block_int4(w: np.ndarray, block_size: int = 32, symmetric: bool = False) -> 
     blocks = padded.T.reshape(n, kb, block_size)
     if symmetric:
         amax = np.abs(blocks).max(-1)
-        scales = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
-        codes = np.clip(np.rint(blocks / scales[..., None]) + 8, 0, 15)
+        # narrow range (codes 1..15, i.e. -7..7 around the implicit zero point 8), as distillation's grid
+        scales, _ = _clip_search(blocks, lambda r: (np.where(amax > 0, amax * r / 7.0, 1.0), np.full(amax.shape, 8.0)), (1, 15))
+        codes = np.clip(np.rint(blocks / scales[..., None]) + 8, 1, 15)
         zps = None
     else:
         lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-        scales = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
-        zp = np.clip(np.rint(-lo / scales), 0, 15)
+
+        def params(r: float) -> tuple[np.ndarray, np.ndarray]:
+            s = np.where(hi > lo, (hi - lo) * r / 15.0, 1.0)
+            return s, np.clip(np.rint(-lo * r / s), 0, 15)
+        scales, zp = _clip_search(blocks, params)
         codes = np.clip(np.rint(blocks / scales[..., None]) + zp[..., None], 0, 15)
         zps = _pack_nibbles(zp.astype(np.uint8))
     packed = _pack_nibbles(codes.astype(np.uint8).reshape(n, -1)).reshape(n, kb, block_size // 2)
     return BlockInt4(packed, scales, zps, k, n, block_size)
+
+
+def _clip_search(blocks: np.ndarray, params, qrange: tuple[int, int] = (0, 15)) -> tuple[np.ndarray, np.ndarray]:
+    """(scales float32, zero points) per block [..., size] over ``CLIP_RATIOS``; ``params(r)`` gives
+    a ratio's (scales, zero points) as the lowering stores them."""
+    b = blocks.astype(np.float64)
+    best = None
+    for r in CLIP_RATIOS:
+        s, z = params(r)
+        s = np.asarray(s, np.float32).astype(np.float64)
+        q = np.clip(np.rint(b / s[..., None]) + z[..., None], *qrange)
+        err = (((q - z[..., None]) * s[..., None] - b) ** 2).sum(-1)
+        if best is None:
+            best = [err, s, np.asarray(z, np.float64)]
+            continue
+        better = err < best[0]
+        best[0] = np.where(better, err, best[0])
+        best[1] = np.where(better, s, best[1])
+        best[2] = np.where(better, z, best[2])
+    return best[1].astype(np.float32), best[2]
 
 
 def block_int4_signed(w: np.ndarray, block_size: int, axis: int = 0) -> QuantizedWeight:
@@ -320,15 +352,21 @@ def replace_gather_block_quantized(
     ed: GraphEditor, node: onnx.NodeProto, table: np.ndarray, bits: int = 4, block_size: int = 32,
 ) -> onnx.NodeProto:
     """Turn ``Gather(table [V, D], indices)`` into ``com.microsoft.GatherBlockQuantized``: uint8 codes,
-    symmetric blocks of ``block_size`` along each row (implicit zero point 2^(bits-1))."""
+    symmetric blocks of ``block_size`` along each row (implicit zero point 2^(bits-1)), float16
+    scales (the op's output takes the scales' type, so a Cast brings a float32 model's rows back)."""
     v, d = table.shape
     q, scales = _row_blocks(table, bits, block_size)
     codes = (q + 2 ** (bits - 1)).astype(np.uint8).reshape(v, -1)[:, :d]
     data = _pack_nibbles(codes) if bits == 4 else codes
     base = node.input[0]
-    inputs = [ed.add_initializer(f"{base}_q{bits}", data), node.input[1], ed.add_initializer(f"{base}_q{bits}_scales", scales)]
-    new = ed.add_node("GatherBlockQuantized", inputs, list(node.output), node.name, MS_DOMAIN,
+    inputs = [ed.add_initializer(f"{base}_q{bits}", data), node.input[1],
+              ed.add_initializer(f"{base}_q{bits}_scales", scales.astype(np.float16))]
+    out = node.output[0]
+    half = ed.unique(f"{out}_fp16") if table.dtype != np.float16 else out
+    new = ed.add_node("GatherBlockQuantized", inputs, [half], node.name, MS_DOMAIN,
                       gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+    if half != out:
+        ed.add_node("Cast", [half], [out], f"{node.name}_Cast", to=helper.np_dtype_to_tensor_dtype(table.dtype))
     ed.remove_nodes({node.name})
     new.name = node.name
     return new
@@ -342,7 +380,8 @@ def gather_block_dequantized(table: np.ndarray, bits: int, block_size: int) -> n
 
 
 def _row_blocks(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric codes [V, blocks, block_size] and scales [V, blocks] of a zero-padded table."""
+    """Symmetric codes [V, blocks, block_size] and float16-representable scales [V, blocks] of a
+    zero-padded table, each block's range clipped where that lowers its rounding error."""
     v, d = table.shape
     kb = -(-d // block_size)
     padded = np.zeros((v, kb * block_size), np.float32)
@@ -350,7 +389,12 @@ def _row_blocks(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarr
     blocks = padded.reshape(v, kb, block_size)
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(blocks).max(-1)
-    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    tiny = float(np.finfo(np.float16).tiny)
+
+    def params(r: float) -> tuple[np.ndarray, np.ndarray]:
+        s = np.where(amax > 0, np.maximum(amax * r / qmax, tiny), 1.0).astype(np.float16).astype(np.float32)
+        return s, np.zeros(amax.shape)
+    scales, _ = _clip_search(blocks, params, (-qmax - 1, qmax))
     return np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax), scales
 
 

@@ -94,7 +94,7 @@ class OrtCpuTarget:
                 raise InputError(f"device {device!r} is for target {profile.target}, not {self.name}")
 
         def lower(assign: dict[str, str]):
-            ranges = {t: Range(-1.0, 1.0) for lay in layers for t in (*lay.inputs, *lay.outputs)}
+            ranges = {t: Range(-1.0, 1.0) for lay in layers for t in (*lay.inputs, *lay.outputs, *lay.internal)}
             return lower_qdq(g.model, layers, assign, ranges)
 
         cost = OrtCpuCost(g.model, layers, menus, lower, device or THIS_CPU, profile, threads, g.inputs)

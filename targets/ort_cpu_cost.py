@@ -28,6 +28,7 @@ from dscompile.compiler.capabilities import (
     INT4_WEIGHT,
     INT8,
     INT8_DYNAMIC,
+    INT8_WEIGHT,
     WEIGHT_BITS,
     Cost,
     Layer,
@@ -51,6 +52,8 @@ def weight_bytes(layer: Layer, precision: str, sizes: dict[str, int], channels: 
         return 0
     main = sizes.get(layer.weights[0], 0)
     rest = sum(sizes.get(w, 0) for w in layer.weights[1:]) * 4
+    if layer.op == "Gather" and precision in (INT8_WEIGHT, INT4_WEIGHT):  # GatherBlockQuantized: fp16 scales, no zero points
+        return main * WEIGHT_BITS[precision] // 8 + -(-main // block) * 2 + rest
     if precision in (INT8, INT8_DYNAMIC):
         return main + 4 * channels + rest
     if precision == INT4_WEIGHT:

@@ -8,6 +8,9 @@ QLinearMatMul/MatMulIntegerToFloat, QGemm, QLinearAdd, ... when:
   scale; a following Relu/Clip folds into the zero point);
 - data-movement ops between quantised tensors (Reshape, Transpose, MaxPool,
   Resize, ...) keep the *same* scale on both sides, so the Q/DQ around them drop.
+- HardSwish has no integer kernel; x * relu6(x + 3) / 6 runs as QLinearAdd + QLinearMul:
+  the Add's output quantised on [0, 6] (the Q's saturation is the relu6) and read back
+  with a scale six times smaller (the / 6), so no layer boundary leaves the integers.
 Dynamic int8 and int4 layers become onnxruntime's DynamicQuantizeMatMul and
 MatMulNBits; fp16 (forced only) stores weights in half precision.
 """
@@ -85,6 +88,10 @@ def lower_qdq(
     for lay in static:
         if lay.weights and lay.op != ACT_MATMUL:
             _static_weights(ed, lay, nodes[lay.nodes[0]], params)
+    for lay in static:  # after the weights: removing nodes rebuilds the node list (``nodes`` goes stale)
+        for name in lay.nodes:
+            if nodes[name].op_type == "HardSwish":
+                _hard_swish(ed, nodes[name])
     for lay in layers:
         p = precisions.get(lay.name, FP32)
         if lay.op == "Gather" and p in (INT8_WEIGHT, INT4_WEIGHT):
@@ -105,7 +112,7 @@ def _static_params(model: onnx.ModelProto, index: GraphIndex, static: list[Layer
     """uint8 (scale, zero point) of every tensor to quantise, in graph order."""
     wanted: dict[str, Range] = {}
     for lay in static:
-        names = list(lay.inputs) + [o for o in lay.outputs[:1] if o not in index.graph_outputs]
+        names = list(lay.inputs) + [o for o in lay.outputs[:1] if o not in index.graph_outputs] + list(lay.internal)
         for t in names:
             if t in index.initializers:
                 continue
@@ -135,6 +142,24 @@ def _static_weights(ed: qdq.GraphEditor, lay: Layer, node: onnx.NodeProto, param
         in_scale = params[lay.inputs[0]][0]
         if ed.weight(bias).ndim == 1 and ed.weight(bias).shape[0] == qw.scale.shape[0]:
             ed.rewire(bias, qdq.add_bias_dq(ed, bias, in_scale, qw.scale), [node])
+
+
+def _hard_swish(ed: qdq.GraphEditor, node: onnx.NodeProto) -> None:
+    """HardSwish(x) as Mul(x, relu6(x + 3) / 6) in QDQ form (its input already has its Q/DQ)."""
+    x, step = node.input[0], 6.0 / 255
+    three = ed.add_initializer(f"{node.name}_three_quantized", np.array(255, np.uint8))
+    scales = {n: ed.add_initializer(f"{node.name}_{n}_scale", np.array(v, np.float32))
+              for n, v in (("three", 3.0 / 255), ("relu6", step), ("hardsigmoid", step / 6))}
+    zero = ed.add_initializer(f"{node.name}_zero_point", np.array(0, np.uint8))
+    names = {n: ed.unique(f"{node.name}_{n}") for n in ("three", "sum", "relu6", "hardsigmoid")}
+    ed.add_node("DequantizeLinear", [three, scales["three"], zero], [names["three"]], f"{node.name}_three_DequantizeLinear")
+    ed.add_node("Add", [x, names["three"]], [names["sum"]], f"{node.name}_Add")
+    ed.add_node("QuantizeLinear", [names["sum"], scales["relu6"], zero], [names["relu6"]], f"{node.name}_QuantizeLinear")
+    ed.add_node("DequantizeLinear", [names["relu6"], scales["hardsigmoid"], zero], [names["hardsigmoid"]],
+                f"{node.name}_DequantizeLinear")
+    mul = ed.add_node("Mul", [x, names["hardsigmoid"]], list(node.output), f"{node.name}_Mul")
+    ed.remove_nodes({node.name})
+    mul.name = node.name  # profiles and plans name the layer by its node
 
 
 def _matmul_weight(ed: qdq.GraphEditor, node: onnx.NodeProto) -> tuple[np.ndarray, str | None]:

@@ -139,7 +139,12 @@ def test_unreachable_budget_names_the_closest_value_and_binding_layers():
         allocate([Choice("x", {"int8": (0.5, 1.0, 1.0)})], Budget("kl", 0.01))
 
 
-@pytest.mark.parametrize("text", ["size", "size=abc", "speed=0.5", "kl=-1", "size=0"])
+def test_budget_fractions():
+    assert parse_budget("size=1/6") == Budget("size", 1 / 6)
+    assert parse_budget("latency=0.5") == Budget("latency", 0.5)
+
+
+@pytest.mark.parametrize("text", ["size", "size=abc", "speed=0.5", "kl=-1", "size=0", "size=1/0", "size=1/"])
 def test_bad_budgets_are_refused(text):
     with pytest.raises(InputError, match="--budget"):
         parse_budget(text)

@@ -110,15 +110,15 @@ def _optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
 
 
-def _zoo_lowered(zoo, precision_of) -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
+def _zoo_lowered(zoo, precision_of, model: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
     from dscompile.calibration.collect import calibrate
 
-    model = normalize(onnx.load(str(zoo.onnx)))
+    model = normalize(model or onnx.load(str(zoo.onnx)))
     graph = ModelGraph(model, graph_inputs(model), graph_outputs(model), SourceInfo("m", "0", "onnx"))
     layers = find_layers(graph)
     name = graph.inputs[0].name
     feeds = [{name: zoo.calib[i : i + 1]} for i in range(64)]
-    tensors = sorted({t for lay in layers for t in (*lay.inputs, *lay.outputs)} - {i.name for i in model.graph.initializer})
+    tensors = sorted({t for lay in layers for t in (*lay.inputs, *lay.outputs, *lay.internal)} - {i.name for i in model.graph.initializer})
     table = calibrate(model, feeds, model_sha256="m", data_sha256="d", tensors=tensors, progress=False)
     ranges = {t: Range(r.min, r.max) for t, r in table.tensors.items()}
     precisions = {lay.name: precision_of(lay) for lay in layers}
@@ -134,6 +134,28 @@ def test_cnn_int8_runs_on_integer_kernels(digits, tmp_path):
     ref = np.concatenate([_run(model, {"x": x[i : i + 1]})[0] for i in range(len(x))])
     got = np.concatenate([_run(q, {"x": x[i : i + 1]})[0] for i in range(len(x))])
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.99
+
+
+def test_hardswish_stays_on_integers(digits, tmp_path):
+    """Conv + HardSwish is one layer; at int8 the HardSwish runs as QLinearAdd + QLinearMul, not in float."""
+    model = onnx.load(str(digits.onnx))
+    for node in model.graph.node:  # the digits CNN with its ReLUs turned into HardSwish
+        if node.op_type == "Relu":
+            node.op_type = "HardSwish"
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = max(imp.version, 14)
+    ref_model, q, _ = _zoo_lowered(digits, lambda lay: "int8", model)
+    graph = ModelGraph(ref_model, graph_inputs(ref_model), graph_outputs(ref_model), SourceInfo("m", "0", "onnx"))
+    fused = [lay for lay in find_layers(graph) if lay.internal]
+    assert any(lay.op == "Conv" for lay in fused), fused
+    ops = _optimized_ops(q, tmp_path)
+    assert ops["QLinearAdd"] >= len(fused) and ops["QLinearMul"] >= len(fused), ops
+    assert not {"HardSwish", "HardSigmoid", "DequantizeLinear"} & set(ops), ops
+    x = digits.test_x[:200]
+    ref = np.concatenate([_run(ref_model, {"x": x[i : i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([_run(q, {"x": x[i : i + 1]})[0] for i in range(len(x))])
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.98
 
 
 def test_transformer_precisions_hit_integer_kernels(transformer, tmp_path):
