@@ -13,6 +13,7 @@ What this module guarantees about onnx2tf:
   simplified in ingest already);
 - it never reaches the network: the sample-image file it would download is
   written into its working folder first, and sockets are blocked throughout;
+- the onnx2tf 1.29.24 failures we have met are rewritten away first (tflite_prepare);
 - its output (prints, TensorFlow's C++ logs) is captured, and a failure
   becomes one InputError naming the ONNX node.
 """
@@ -29,12 +30,14 @@ import onnx
 
 from dscompile.compiler.graph import TensorSpec, graph_inputs
 from dscompile.errors import InputError
+from dscompile.targets.tflite_flatbuffer import with_signature
 from dscompile.targets.tflite_prepare import (
     InputPlan,
     canonical_gelu,
     check_convertible,
     constant_first_sub,
     plan_inputs,
+    scalar_operands_as_vectors,
     with_static_inputs,
 )
 from dscompile.targets.tflite_sandbox import captured_output, no_network, private_workdir
@@ -82,6 +85,7 @@ def convert_onnx(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> Float
         model = with_static_inputs(model, specs)
     prepared, fused = canonical_gelu(model)
     prepared, _ = constant_first_sub(prepared)
+    prepared, _ = scalar_operands_as_vectors(prepared)
     other_erf = sum(n.op_type == "Erf" for n in prepared.graph.node) > fused
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
     with private_workdir() as work, captured_output(work) as cap, no_network() as net:
@@ -101,7 +105,8 @@ def convert_onnx(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> Float
                 disable_model_save=True,  # no SavedModel, no float16 copy: we convert once, below
                 verbosity="info",
             )
-            tflite = keras_to_tflite(keras_model)
+            tflite = with_signature(keras_to_tflite(keras_model), [i.name for i in graph_inputs(prepared)],
+                                    [o.name for o in prepared.graph.output])
         except (Exception, SystemExit) as exc:  # onnx2tf ends failures with sys.exit(1)
             text = cap.text()
             log.debug("onnx2tf output:\n%s", text)

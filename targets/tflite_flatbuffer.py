@@ -118,5 +118,40 @@ def attach_metadata(model: bytes, name: str, data: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
 
 
+def with_signature(model: bytes, inputs: list[str], outputs: list[str], key: str = "serving_default") -> bytes:
+    """The model with a default signature over subgraph 0 when it has none.
+
+    TensorFlow's Keras converter drops signatures when it cannot export the
+    model as a SavedModel first (onnx2tf's layers can hold variables it does not
+    track, e.g. PP-OCRv4's convolutions) and falls back to a frozen graph.
+    LiteRT's signature runner, ai-edge-quantizer and our I/O map all need one:
+    the subgraph's inputs and outputs, in order, under the ONNX names given.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+    if obj.signatureDefs:
+        return model
+    sg = obj.subgraphs[0]
+    if len(sg.inputs) != len(inputs) or len(sg.outputs) != len(outputs):
+        raise ValueError(f"subgraph has {len(sg.inputs)} inputs / {len(sg.outputs)} outputs, "
+                         f"the source {len(inputs)} / {len(outputs)}")
+
+    def entries(names: list[str], indices) -> list:
+        out = []
+        for name, index in zip(names, indices, strict=True):
+            tm = schema.TensorMapT()
+            tm.name, tm.tensorIndex = name, int(index)
+            out.append(tm)
+        return out
+
+    sig = schema.SignatureDefT()
+    sig.signatureKey, sig.subgraphIndex = key, 0
+    sig.inputs, sig.outputs = entries(inputs, sg.inputs), entries(outputs, sg.outputs)
+    obj.signatureDefs = [sig]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
+
+
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")

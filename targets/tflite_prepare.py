@@ -11,6 +11,8 @@
   (seen on YOLOv8's box decoding: anchors - offsets came out as offsets -
   anchors); ``constant_first_sub`` writes it as ``x * -1 + constant``, the
   same numbers, in ops onnx2tf converts correctly.
+- A 0-d constant operand of an element-wise op whose output repeats a
+  dimension becomes shape [1] (``scalar_operands_as_vectors``).
 - An ONNX op that onnx2tf has no converter for is refused up front, naming the
   node, instead of failing deep inside TensorFlow.
 """
@@ -250,6 +252,49 @@ def constant_first_sub(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         out.graph.initializer.append(numpy_helper.from_array(np.array(-1, dtype=c.dtype), f"{tag}_minus_one"))
         nodes.append(helper.make_node("Mul", [n.input[1], f"{tag}_minus_one"], [f"{tag}_neg"], name=f"{n.name or tag}_neg"))
         nodes.append(helper.make_node("Add", [f"{tag}_neg", n.input[0]], list(n.output), name=n.name))
+        count += 1
+    if count:
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+    return out, count
+
+
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Mod")
+
+
+def scalar_operands_as_vectors(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Give 0-d constant operands of element-wise ops the shape [1] where onnx2tf 1.29.24 would fail.
+
+    onnx2tf's accuracy correction (``correction_process_for_accuracy_errors``)
+    runs on Add/Sub/Mul/Div/Mod whose output shape repeats a dimension > 1
+    (attention scores ``[1, heads, seq, seq]``); it builds a Keras model whose
+    outputs are the op's operands, and a 0-d constant arrives there as a Python
+    float, which Keras refuses (seen on all-MiniLM-L6-v2's ``scores / sqrt(32)``).
+    Against a computed operand of rank >= 1, shape [1] broadcasts exactly as
+    shape [] does: same result, and onnx2tf keeps it as an array.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = _Graph(out)
+    inferred = onnx.shape_inference.infer_shapes(out).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.value_info, *inferred.input, *inferred.output] if v.type.tensor_type.HasField("shape")}
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for n in out.graph.node:
+        consts = [i for i in n.input if i in g.consts and g.consts[i].ndim == 0]
+        computed = [i for i in n.input if i not in g.consts]
+        dims = [d for d in shapes.get(n.output[0] if n.output else "", []) if d > 1]
+        if (n.op_type not in _ELEMENTWISE or len(n.input) != 2 or len(consts) != 1 or len(computed) != 1
+                or not shapes.get(computed[0]) or len(dims) == len(set(dims))):
+            nodes.append(n)
+            continue
+        name = f"dscompile_vec{count}"
+        vec = numpy_helper.from_array(g.consts[consts[0]].reshape(1), name)
+        nodes.append(helper.make_node("Constant", [], [name], name=name, value=vec))
+        nodes.append(helper.make_node(n.op_type, [name if i == consts[0] else i for i in n.input], list(n.output),
+                                      name=n.name, domain=n.domain))
+        nodes[-1].attribute.extend(n.attribute)
         count += 1
     if count:
         del out.graph.node[:]
