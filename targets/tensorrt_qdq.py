@@ -38,6 +38,7 @@ from dscompile.compiler.qdq import (
 from dscompile.errors import InputError
 
 INT4_OPSET = 21  # DequantizeLinear with block_size and INT4 codes
+QDQ_OPSET = 13  # per-channel (axis) DequantizeLinear
 INT4_BLOCK_SIZES = (128, 64, 32, 16)
 AMAX_METHOD = "entropy"
 _LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")  # TensorRT's calibrator (EntropyCalibration2) threshold
@@ -85,9 +86,10 @@ class TrtLowering:
 
     def __init__(self, graph: ModelGraph, plan: QuantPlan, table: CalibrationTable | None) -> None:
         self.plan, self.table = plan, table
-        model = graph.model
-        if any(lp.precision == INT4_WEIGHT for lp in plan.layers):
-            model = upgrade_opset(model, INT4_OPSET)
+        # Convert, not just relabel: per-channel DequantizeLinear needs opset 13 and block-wise INT4 21,
+        # and an older model's nodes (Squeeze's axes attribute at 12) must be rewritten for them.
+        int4 = any(lp.precision == INT4_WEIGHT for lp in plan.layers)
+        model = upgrade_opset(graph.model, INT4_OPSET if int4 else QDQ_OPSET)
         self.ed = GraphEditor(model)
         self.nodes = {n.name: n for n in self.ed.graph.node}
         self.layers = {layer.name: layer for layer in find_layers(graph)}
@@ -103,7 +105,7 @@ class TrtLowering:
         _fold_casts(self.ed)
         del self.ed.graph.value_info[:]  # types changed under FP16 layers; shape inference re-derives them
         int4 = any(lp.precision == INT4_WEIGHT for lp in self.plan.layers)
-        return self.ed.finish(min_opset=INT4_OPSET if int4 else 13)
+        return self.ed.finish(min_opset=INT4_OPSET if int4 else QDQ_OPSET)
 
     # -- per precision
 

@@ -207,3 +207,19 @@ def test_cli_variable_width_calibration_builds(cli, tmp_path):
     assert r.stderr.count("profile from the calibration samples' shapes") == 1
     script = (out / "build_engine.sh").read_text()
     assert "--minShapes=x:1x4x8x16" in script and "--maxShapes=x:1x4x8x56" in script
+
+
+def test_cli_opset12_model_is_converted_not_relabelled(cli, tmp_path):
+    """An opset-12 Squeeze keeps axes as an attribute; the Q/DQ graph (opset >= 13) must convert it."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(16, 4, 1, 1)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Squeeze", ["c"], ["y"], name="squeeze", axes=[2])]
+    m = _model(nodes, [_vi("x", [1, 4, 1, 8])], [_vi("y", [1, 16, 8])], [w], opset=12)
+    out = tmp_path / "out"
+    r = cli("--target", "jetson-orin", _write(m, tmp_path / "op12.onnx"), "-o", out)
+    assert r.returncode == 0, r.stderr
+    model = onnx.load(out / "model.qdq.onnx")
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    squeeze = next(n for n in model.graph.node if n.op_type == "Squeeze")
+    assert len(squeeze.input) == 2 and not squeeze.attribute
