@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dscompile import api
-from dscompile.compiler.ingest import IngestOptions, detect_format, ingest, layer_map
+from dscompile.compiler.ingest import IngestOptions, detect_format, ingest
+from dscompile.compiler.module_paths import layer_map
 from dscompile.compiler.shapes import parse_input_shape
 from dscompile.errors import InputError
 
