@@ -114,21 +114,13 @@ class Case:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-from detection_metrics import detection_f1  # noqa: E402
+from detection_metrics import cosine, detection_f1  # noqa: E402
 
 
 def top1(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> dict[str, float]:
     r = np.array([o[0].reshape(-1).argmax() for o in ref])
     g = np.array([o[0].reshape(-1).argmax() for o in got])
     return {"top1_agreement": float((r == g).mean())}
-
-
-def cosine(ref, got) -> float:
-    vals = []
-    for r, g in zip(ref, got, strict=True):
-        a, b = r[0].astype(np.float64).ravel(), g[0].astype(np.float64).ravel()
-        vals.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
-    return float(np.mean(vals))
 
 
 def zoo_case(kind: str, folder: Path) -> Case:
