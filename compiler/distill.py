@@ -40,7 +40,7 @@ from dscompile.compiler.distill_state import (
 )
 from dscompile.compiler.graph import ModelGraph, macs
 from dscompile.compiler.layers import find_layers
-from dscompile.compiler.normalize import normalize
+from dscompile.compiler.normalize import prepared
 from dscompile.compiler.plan import QuantPlan, with_table_ranges
 from dscompile.compiler.runtime import ort_session, ort_version, run_session
 from dscompile.errors import InputError
@@ -114,7 +114,7 @@ class Distiller:
             raise InputError(f"--distill {options.mode!r}: expected one of {', '.join(MODES)}")
         if options.mode == "e2e":
             self.check_teacher(graph, torch_module)
-        self.graph = ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
+        self.graph = prepared(graph)
         self.options, self.teacher, self.progress, self.run_plan = options, torch_module, progress, run_plan
         self.table = table  # ranges a plan leaves to the table (``build --plan``), as the lowering reads them
         if options.mode != "e2e":

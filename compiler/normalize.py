@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
+from dscompile.compiler.graph import ModelGraph
 from dscompile.errors import InputError
 
 MIN_OPSET = 13
@@ -105,3 +106,11 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(model)
     out = upgrade_opset(out)
     return fold_batchnorm(name_nodes(out))
+
+
+def prepared(graph: ModelGraph) -> ModelGraph:
+    """The graph plans are made on and lowered from: opset >= 13, unique node names (idempotent).
+
+    The source hash is kept, so a plan made on it still names the user's model.
+    """
+    return ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)

@@ -19,7 +19,7 @@ from dscompile.compiler.allocate import Budget
 from dscompile.compiler.dmpq import DEFAULT_BUDGET, PlanOptions, make_plan
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import find_layers
-from dscompile.compiler.normalize import normalize
+from dscompile.compiler.normalize import prepared
 from dscompile.compiler.plan import QuantPlan, plan_ranges, validate_layers, validate_plan
 from dscompile.compiler.repair import DEFAULT_GOAL, DEFAULT_ROUNDS, FidelityGoal, repair
 from dscompile.compiler.verify import Fidelity, compare
@@ -41,10 +41,6 @@ class PlanSettings:
     seed: int = 0
     show_progress: bool = True
 
-
-def prepared(graph: ModelGraph) -> ModelGraph:
-    """Opset >= 13 and unique node names; keeps the source hash for plan identity."""
-    return ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
 
 
 def check_numeric_outputs(graph: ModelGraph) -> None:

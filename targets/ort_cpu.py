@@ -24,7 +24,7 @@ from dscompile.compiler.capabilities import (
 )
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import ACT_MATMUL, CONTROL_FLOW, INTEGER_OPS, RECURRENT, find_layers
-from dscompile.compiler.normalize import normalize
+from dscompile.compiler.normalize import prepared
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan, plan_ranges
 from dscompile.errors import InputError
@@ -55,10 +55,6 @@ REASONS = {
 }
 assert all(op in RECURRENT or op in CONTROL_FLOW for op in REASONS)
 
-
-def prepared(graph: ModelGraph) -> ModelGraph:
-    """The graph with opset >= 13 and unique node names (idempotent)."""
-    return ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
 
 
 class OrtCpuTarget:

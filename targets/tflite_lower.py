@@ -19,7 +19,7 @@ from dscompile.calibration.table import CalibrationTable
 from dscompile.compiler.capabilities import FP32, INT8, TargetCapabilities
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import find_layers
-from dscompile.compiler.normalize import normalize
+from dscompile.compiler.normalize import prepared
 from dscompile.compiler.plan import LayerPlan, QuantPlan, needed_tensors, plan_ranges
 from dscompile.compiler.ranges import activation_range
 from dscompile.compiler.samples import synthetic_feeds
@@ -45,10 +45,6 @@ class FloatBuild:
     tmap: TensorMap
     graph: TflGraph
 
-
-def prepared(graph: ModelGraph) -> ModelGraph:
-    """Opset >= 13 and unique node names: the graph plans are made on (same as planning.prepared)."""
-    return ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
 
 
 def float_build(g: ModelGraph, seed: int = 0) -> FloatBuild:

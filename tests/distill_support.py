@@ -11,7 +11,7 @@ from dscompile.compiler.capabilities import FP32, INT4_WEIGHT, INT8
 from dscompile.compiler.distill_capture import Capturer
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import find_layers
-from dscompile.compiler.normalize import normalize
+from dscompile.compiler.normalize import prepared
 from dscompile.compiler.plan import LayerPlan, QuantPlan, needed_tensors
 
 WEIGHT_SCHEMES = {
@@ -24,7 +24,7 @@ def uniform_plan(graph: ModelGraph, precisions: dict[str, str], samples: Sequenc
                  target: str = "ort-cpu") -> QuantPlan:
     """``precisions``: op type -> precision (others fp32). ``weight_bits`` overrides int8's weight bits
     (4: an emulated W4A8 grid that no ort-cpu kernel runs, for the simulation only)."""
-    g = ModelGraph(normalize(graph.model), graph.inputs, graph.outputs, graph.source, graph.layer_map)
+    g = prepared(graph)
     layers = find_layers(g)
     outs = {o.name for o in g.model.graph.output}
     consts = {t.name for t in g.model.graph.initializer}
