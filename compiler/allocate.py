@@ -85,7 +85,10 @@ def totals(choices: list[Choice], pick: dict[str, str], fixed_bytes: float, fixe
     return s, b, t
 
 
-def allocate(choices: list[Choice], budget: Budget, fixed_bytes: float = 0.0, fixed_ms: float = 0.0) -> Allocation:
+def allocate(choices: list[Choice], budget: Budget, fixed_bytes: float = 0.0, fixed_ms: float = 0.0,
+             pinned: dict[str, str] | None = None) -> Allocation:
+    """The exact allocation within ``budget``; ``pinned`` layers keep the precision given (the repair
+    loop pins what it promoted, so the others are re-solved around it)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if not choices:
@@ -109,7 +112,8 @@ def allocate(choices: list[Choice], budget: Budget, fixed_bytes: float = 0.0, fi
         row, total_fp32, fixed = (nbytes, fp32_bytes, fixed_bytes) if budget.kind == "size" else (ms, fp32_ms, fixed_ms)
         objective = sens + _TIE * norm_cost
         cons.append(LinearConstraint(row[None, :], -np.inf, budget.value * total_fp32 - fixed))
-    res = milp(objective, constraints=cons, integrality=np.ones(len(var)), bounds=Bounds(0, 1))
+    lower = np.array([1.0 if (pinned or {}).get(layer) == p else 0.0 for layer, p in var])
+    res = milp(objective, constraints=cons, integrality=np.ones(len(var)), bounds=Bounds(lower, 1))
     if res.status != 0 or res.x is None:
         raise InputError(_infeasible(choices, budget, fixed_bytes, fixed_ms, fp32_bytes, fp32_ms))
     pick = {layer: p for (layer, p), x in zip(var, res.x, strict=True) if x > 0.5}

@@ -4,7 +4,9 @@ Each round promotes the layers with the best predicted fidelity gain per unit
 of cost (gain: the drop in the layer's sensitivity from its current precision
 to the next safer one on its menu; cost: the added latency and bytes, as
 fractions of FP32). The number promoted doubles each round, so a badly missed
-floor converges in a few rounds. Every round is recorded in the plan.
+floor converges in a few rounds. Under a ``size``/``latency`` budget the other
+layers are re-allocated around the promoted ones so the budget still holds
+(``repair_budget.py``). Every round is recorded in the plan.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from dscompile.compiler.capabilities import FP32
 from dscompile.compiler.plan import LayerPlan, QuantPlan
+from dscompile.compiler.repair_budget import Cap, fixed_costs, plan_cap, promote_within, repredict
 from dscompile.compiler.verify import Fidelity
 from dscompile.errors import InputError, VerificationError
 
@@ -77,40 +80,100 @@ def repair(
     plan: QuantPlan, evaluate: Callable[[QuantPlan], Fidelity], goal: FidelityGoal | None,
     max_rounds: int = DEFAULT_ROUNDS,
 ) -> tuple[QuantPlan, Fidelity]:
-    """Promote layers until ``evaluate(plan)`` meets ``goal``; the final plan carries every round."""
+    """Promote layers until ``evaluate(plan)`` meets ``goal``; the final plan carries every round.
+
+    Under a ``size``/``latency`` budget each promotion is paired with the demotions that keep the
+    budget (``compiler/repair_budget.py``), and a round that measures worse than the best plan so far
+    is undone (its promotions are not tried again).
+    """
     fid = evaluate(plan)
     rounds = [_round(0, fid, goal, [])]
+    cap, fixed = plan_cap(plan), fixed_costs(plan)
+    best, pinned, banned = (plan, fid), {}, set()
     step = 1
     while goal is not None and not goal.met(fid):
         if len(rounds) > max_rounds:
             raise VerificationError(
-                f"--min-fidelity {goal.metric}={goal.value}: reached {goal.measure(fid):.5f} after {max_rounds} "
-                f"repair rounds (raise the budget, lower the floor, or pin layers to fp32 in a plan)"
+                f"--min-fidelity {goal.metric}={goal.value}: reached {goal.measure(best[1]):.5f} after {max_rounds} "
+                f"repair rounds{_within(cap)} (raise the budget, lower the floor, or pin layers to fp32 in a plan)"
             )
-        fp32_bytes = plan.predicted.get("fp32_bytes", 1) or 1
-        fp32_ms = plan.predicted.get("fp32_latency_ms", 1) or 1
-        ranked = []
-        for lp in plan.layers:
-            promo = _promotion(lp, fp32_bytes, fp32_ms)
-            if promo is not None:
-                ranked.append((promo[0], lp.name, promo[1]))
-        ranked.sort(reverse=True)
+        ranked = [(name, q) for name, q in _ranked(plan) if (name, q) not in banned]
         if not ranked:
             raise VerificationError(
                 f"--min-fidelity {goal.metric}={goal.value}: {goal.measure(fid):.5f} with every layer at its safest precision"
             )
         quantised = sum(lp.precision != FP32 for lp in plan.layers)
         k = min(len(ranked), max(1, math.ceil(0.1 * quantised)) * step)
-        promoted = []
-        for _, name, q in ranked[:k]:
-            lp = plan.layer(name)
-            promoted.append({"layer": name, "from": lp.precision, "to": q})
-            plan = plan.with_precision(name, q, f"repair round {len(rounds)}: promoted from {lp.precision}")
+        if cap is None:
+            plan, promoted, demoted = _promote(plan, ranked[:k], len(rounds))
+        else:
+            fit = promote_within(plan, ranked, k, cap, pinned)
+            if fit is None:
+                raise VerificationError(
+                    f"--min-fidelity {goal.metric}={goal.value}: reached {goal.measure(best[1]):.5f}; no further "
+                    f"promotion fits{_within(cap)} (raise the budget or lower the floor)"
+                )
+            precisions, accepted, pinned = fit
+            plan, promoted, demoted = _apply(plan, precisions, dict(accepted), len(rounds))
+        plan = repredict(plan, fixed)
         fid = evaluate(plan)
-        rounds.append(_round(len(rounds), fid, goal, promoted))
-        log.info("repair round %d: promoted %d layer(s); %s", len(rounds) - 1, len(promoted), _fid_text(fid))
+        record = _round(len(rounds), fid, goal, promoted, demoted, plan.predicted)
+        measured = _fid_text(fid)
+        if cap is not None and goal.measure(fid) < goal.measure(best[1]):
+            banned |= {(m["layer"], m["to"]) for m in promoted}
+            record["reverted"] = True  # worse than the best so far: back to it, these promotions are not retried
+            plan, fid = best
+            pinned = {k_: v for k_, v in pinned.items() if (k_, v) not in banned}
+        elif goal.measure(fid) >= goal.measure(best[1]):
+            best = (plan, fid)
+        rounds.append(record)
+        log.info("repair round %d: promoted %d, moved %d layer(s)%s; %s", len(rounds) - 1, len(promoted),
+                 len(demoted), " (undone: worse than the best so far)" if record.get("reverted") else "", measured)
         step *= 2
     return replace(plan, rounds=tuple(rounds)), fid
+
+
+def _ranked(plan: QuantPlan) -> list[tuple[str, str]]:
+    """(layer, next safer precision), best predicted fidelity gain per cost first."""
+    fp32_bytes = plan.predicted.get("fp32_bytes", 1) or 1
+    fp32_ms = plan.predicted.get("fp32_latency_ms", 1) or 1
+    ranked = []
+    for lp in plan.layers:
+        promo = _promotion(lp, fp32_bytes, fp32_ms)
+        if promo is not None:
+            ranked.append((promo[0], lp.name, promo[1]))
+    ranked.sort(reverse=True)
+    return [(name, q) for _, name, q in ranked]
+
+
+def _promote(plan: QuantPlan, todo: list[tuple[str, str]], i: int) -> tuple[QuantPlan, list, list]:
+    promoted = []
+    for name, q in todo:
+        lp = plan.layer(name)
+        promoted.append({"layer": name, "from": lp.precision, "to": q})
+        plan = plan.with_precision(name, q, f"repair round {i}: promoted from {lp.precision}")
+    return plan, promoted, []
+
+
+def _apply(plan: QuantPlan, precisions: dict[str, str], accepted: dict[str, str], i: int) -> tuple[QuantPlan, list, list]:
+    """The re-solved precisions: the accepted promotions, and the layers moved to keep the budget."""
+    promoted, demoted = [], []
+    for lp in plan.layers:
+        q = precisions.get(lp.name, lp.precision)
+        if q == lp.precision:
+            continue
+        if accepted.get(lp.name) == q:
+            promoted.append({"layer": lp.name, "from": lp.precision, "to": q})
+            why = f"repair round {i}: promoted from {lp.precision}"
+        else:
+            demoted.append({"layer": lp.name, "from": lp.precision, "to": q})
+            why = f"repair round {i}: moved from {lp.precision} to keep the budget"
+        plan = plan.with_precision(lp.name, q, why)
+    return plan, promoted, demoted
+
+
+def _within(cap: Cap | None) -> str:
+    return f" within {cap.budget.kind}={cap.budget.value:g}" if cap is not None else ""
 
 
 def _fid_text(f: Fidelity) -> str:
@@ -118,11 +181,17 @@ def _fid_text(f: Fidelity) -> str:
     return f"cosine {f.cosine:.5f}{top1} on {f.samples} held-out samples"
 
 
-def _round(i: int, fid: Fidelity, goal: FidelityGoal | None, promoted: list) -> dict:
-    return {
+def _round(i: int, fid: Fidelity, goal: FidelityGoal | None, promoted: list, demoted: list | None = None,
+           predicted: dict | None = None) -> dict:
+    out = {
         "round": i, "fidelity": fid.to_json(), "promoted": promoted,
         "goal": goal.to_json() if goal else None, "met": goal.met(fid) if goal else None,
     }
+    if demoted:
+        out["moved"] = demoted
+    if predicted and i > 0:
+        out["predicted"] = {k: predicted[k] for k in ("size_ratio", "latency_ratio") if k in predicted}
+    return out
 
 
 DEFAULT_GOAL = FidelityGoal("auto", 0.99)

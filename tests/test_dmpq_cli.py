@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +86,44 @@ def test_compile_calib_plans_repairs_and_verifies_every_zoo_model(cli, work, dig
 
 
 def test_repair_promotes_until_the_floor_holds(cli, work, digits, tmp_path):
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "size=0.2",
-            "--min-fidelity", "cosine=0.99999", "-o", tmp_path / "p.json", "--json", "-q")
+    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "kl=1",
+            "--min-fidelity", "cosine=0.9999995", "-o", tmp_path / "p.json", "--json", "-q")
     assert r.returncode == 0, r.stderr
     rounds = json.loads(r.stdout)["rounds"]
     assert len(rounds) >= 2 and rounds[-1]["met"] and not rounds[0]["met"]
     assert all(p["to"] != p["from"] for rd in rounds[1:] for p in rd["promoted"])
+
+
+def test_repair_keeps_a_size_budget_by_moving_other_layers(cli, work, digits, digits_plan, tmp_path):
+    """Under size=F a promotion is paired with demotions elsewhere (the knapsack re-solved around it).
+
+    The budget is one byte over "the big Gemm at int8, every other layer at its cheapest" (bytes follow
+    from the layer shapes alone): whatever the allocation, any promotion then needs a demotion."""
+    layers = {lp["name"]: lp for lp in digits_plan["layers"]}
+    cheapest = {n: min(c["bytes"] for c in lp["cost"].values()) for n, lp in layers.items()}
+    big = max(layers, key=lambda n: layers[n]["cost"]["fp32"]["bytes"])
+    pred = digits_plan["predicted"]
+    fixed = pred["bytes"] - sum(lp["cost"][lp["precision"]]["bytes"] for lp in layers.values())
+    limit = fixed + sum(cheapest.values()) - cheapest[big] + layers[big]["cost"]["int8"]["bytes"] + 1
+    budget = float(f"{limit / pred['fp32_bytes']:.8f}")
+    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", f"size={budget:.8f}",
+            "--min-fidelity", "cosine=0.9999999", "--repair-rounds", "1", "-o", tmp_path / "p.json", "--json")
+    line = next((ln for ln in r.stderr_lines if "repair round 1:" in ln), "")
+    promoted, moved = (int(x) for x in re.search(r"promoted (\d+), moved (\d+)", line).groups())
+    assert promoted >= 1 and moved >= 1, r.stderr
+    if r.returncode == 0:
+        plan = json.loads(r.stdout)
+        assert all(rd["predicted"]["size_ratio"] <= budget for rd in plan["rounds"][1:])
+        assert any("to keep the budget" in lp["reason"] for lp in plan["layers"])
+    else:
+        assert f"within size={budget:g}" in r.stderr and not (tmp_path / "p.json").exists()
+
+
+def test_repair_says_when_the_size_budget_binds(cli, work, digits, tmp_path):
+    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "size=0.2",
+            "--min-fidelity", "cosine=0.9999999", "-o", tmp_path / "p.json", "-q")
+    _one_error(r, "within size=0.2")
+    assert not (tmp_path / "p.json").exists()
 
 
 # ---- bad input: one line on stderr, non-zero exit, nothing written

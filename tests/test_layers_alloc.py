@@ -148,3 +148,15 @@ def test_budget_fractions():
 def test_bad_budgets_are_refused(text):
     with pytest.raises(InputError, match="--budget"):
         parse_budget(text)
+
+
+def test_pinned_layers_keep_their_precision_and_the_rest_is_re_solved():
+    choices = [
+        Choice("a", {"fp32": (0.0, 100.0, 1.0), "int8": (0.5, 25.0, 0.5)}),
+        Choice("b", {"fp32": (0.0, 100.0, 1.0), "int8": (0.1, 25.0, 0.5)}),
+        Choice("c", {"fp32": (0.0, 100.0, 1.0), "int8": (0.2, 25.0, 0.5)}),
+    ]
+    free = allocate(choices, Budget("size", 0.5))  # 150 bytes: one layer stays fp32, the most sensitive
+    assert free.precisions == {"a": "fp32", "b": "int8", "c": "int8"}
+    pinned = allocate(choices, Budget("size", 0.5), pinned={"b": "fp32"})
+    assert pinned.precisions == {"a": "int8", "b": "fp32", "c": "int8"} and pinned.bytes <= 150
