@@ -56,6 +56,17 @@ REASONS = {
 assert all(op in RECURRENT or op in CONTROL_FLOW for op in REASONS)
 
 
+def _non_negative(node, weights: dict) -> bool:
+    """Relu, Sigmoid, or a Clip whose lower bound is a constant >= 0 (Relu6): the output never goes below 0."""
+    if node.op_type in ("Relu", "Sigmoid"):
+        return True
+    if node.op_type != "Clip" or len(node.input) < 2 or node.input[1] not in weights:
+        return False
+    from onnx import numpy_helper
+
+    return float(numpy_helper.to_array(weights[node.input[1]])) >= 0
+
+
 
 class OrtCpuTarget:
     name = "ort-cpu"
@@ -89,8 +100,14 @@ class OrtCpuTarget:
             if profile.target != self.name:
                 raise InputError(f"device {device!r} is for target {profile.target}, not {self.name}")
 
+        non_negative = {o for n in g.model.graph.node if _non_negative(n, weights) for o in n.output}
+
         def lower(assign: dict[str, str]):
-            ranges = {t: Range(-1.0, 1.0) for lay in layers for t in (*lay.inputs, *lay.outputs, *lay.internal)}
+            # Stand-in ranges for timing only. A Relu/Sigmoid output gets a range starting at 0, as a
+            # calibrated one would: onnxruntime folds a Relu into QLinearConv only when the zero point
+            # is the range's bottom, so (-1, 1) there times Conv -> DQ -> float Relu -> Q instead.
+            ranges = {t: Range(0.0, 1.0) if t in non_negative else Range(-1.0, 1.0)
+                      for lay in layers for t in (*lay.inputs, *lay.outputs, *lay.internal)}
             return lower_qdq(g.model, layers, assign, ranges)
 
         cost = OrtCpuCost(g.model, layers, menus, lower, device or THIS_CPU, profile, threads, g.inputs)
