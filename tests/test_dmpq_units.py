@@ -119,3 +119,20 @@ def test_another_cpu_gets_a_roofline_estimate_from_its_profile(tmp_path):
     assert fp32.latency_ms == pytest.approx(2 * conv.macs / 0.1e12 * 1e3, rel=1e-3)  # compute-bound
     assert int8.latency_ms == pytest.approx(fp32.latency_ms / 4, rel=1e-2)
     assert fp32.bytes == 216 * 4 + 8 * 4 and int8.bytes == 216 + 8 * 4 + 8 * 4  # weights (+ scales) + fp32 bias
+
+
+def test_the_cost_models_timing_build_folds_relu_into_the_integer_conv(digits, tmp_path):
+    """The int8 build the cost model times must be the one onnxruntime runs fast: no float Relu left
+    between QLinearConvs (stand-in ranges start at 0 after a Relu, as calibrated ones do)."""
+    from dscompile.compiler.ingest import ingest
+    from dscompile.targets.ort_cpu import TARGET
+
+    graph = ingest(digits.onnx).graph
+    caps = TARGET.capabilities(graph, "this-cpu", threads=1)
+    cost = caps.cost_model
+    model = cost.lower({lay.name: "int8" for lay in cost.layers if lay.op == "Conv"})
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "Relu" not in ops, ops
