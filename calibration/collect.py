@@ -9,6 +9,7 @@ number of samples.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -170,10 +171,21 @@ def _session(model: onnx.ModelProto):
     # onnxruntime's pool threads spin between parallel sections by default; those cycles are the ones
     # the histogram thread runs in, so spinning only trades our work for busy-waiting
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # One core is left to the histogram thread. With onnxruntime's pool on every core the thread
+    # preempts a pool thread, and every parallel section then waits for that one: on 2 cores,
+    # YOLOv8n's calibration took 1.41x plain inference so and 1.19x with the pool on one core.
+    so.intra_op_num_threads = max(1, _cores() - 1)
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise InputError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _run(session, outputs: Sequence[str], feed: Feed) -> list[np.ndarray]:
