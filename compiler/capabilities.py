@@ -151,6 +151,10 @@ class TargetCapabilities:
     # Precisions that run but gain nothing on this layer (the runtime's own advice): DMPQ does not
     # choose them, a hand-edited plan may (unlike ``check``, which refuses).
     advice: LayerCheck | None = None
+    # The precision the target's conventional placement (no DMPQ) gives a layer, e.g. TensorRT's INT8
+    # where it has INT8 kernels and FP16 elsewhere. With one, the default budget never plans a larger
+    # summed sensitivity than that placement has: DMPQ may only beat it (compiler/dmpq.py).
+    reference: Callable[[Layer], str] | None = None
 
     def layer_menu(self, layer: Layer, include_forced: bool = False) -> tuple[str, ...]:
         """Precisions this layer can take: the op's menu minus what the target vetoes or advises against."""

@@ -54,13 +54,31 @@ def make_plan(
                    options.threads, options.show_progress)
     choices = [_choice(lay, caps, sens) for lay in layers]
     fixed_bytes, fixed_ms = _fixed(graph, layers, caps)
-    alloc = allocate(choices, options.budget, fixed_bytes, fixed_ms)
+    budget = _default_capped(options.budget, layers, choices, caps)
+    alloc = allocate(choices, budget, fixed_bytes, fixed_ms)
     lps = tuple(_layer_plan(lay, caps, sens, ranges, alloc, outputs, consts) for lay in layers)
     return QuantPlan(
         target=caps.target, model_sha256=model_sha256 or graph.sha256, layers=lps,
-        budget=options.budget.to_json(), predicted=_predicted(alloc, caps, sens), device=caps.device,
+        budget=budget.to_json(), predicted=_predicted(alloc, caps, sens), device=caps.device,
         sensitivity_metric=sens.metric,
     )
+
+
+def _default_capped(budget: Budget, layers: list[Layer], choices: list[Choice], caps: TargetCapabilities) -> Budget:
+    """The default budget, lowered to the summed sensitivity of the target's reference placement.
+
+    kl=0.01 lets DMPQ spend divergence on any saving, however small (an INT4 head where the reference
+    keeps FP16). Capped, the plan is never predicted worse than the reference, and costs no more than
+    it (the reference itself is within the cap). A budget the user gives is taken as given.
+    """
+    if budget is not DEFAULT_BUDGET or caps.reference is None:
+        return budget
+    total = 0.0
+    for lay, choice in zip(layers, choices, strict=True):
+        p = caps.reference(lay)
+        # a reference precision the layer's menu lacks: its safest option (the cap stays reachable)
+        total += choice.options[p][0] if p in choice.options else min(o[0] for o in choice.options.values())
+    return budget if total >= budget.value else Budget("kl", total)
 
 
 def _choice(lay: Layer, caps: TargetCapabilities, sens: Sensitivity) -> Choice:

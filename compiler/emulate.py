@@ -69,7 +69,9 @@ def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics) -> np.n
         if kn.ndim != 2:
             return w
         back = qdq.block_int4(kn, numerics.block_size or 32, numerics.weight_symmetric).dequantize()
-        return np.ascontiguousarray(back.T) if back.shape != w.shape else back
+        # as_kn transposed a Gemm's transB weight: transpose back (a shape test misses square weights)
+        transposed = node.op_type == "Gemm" and qdq._attr(node, "transB", 0)
+        return np.ascontiguousarray(back.T) if transposed else back
     return w
 
 
@@ -82,16 +84,21 @@ def build_emulator(
     index = GraphIndex.of(ed.model)
     nodes = {n.name: n for n in ed.graph.node}
     emu = Emulator(ed.model)
+    # Gates chain: a layer's input may already be rewired (its fp16 gate, the static output gate of
+    # the layer before it), so each gate wraps what the layer reads *now* in place of the original.
+    original = {n.name: list(n.input) for n in ed.graph.node}
     for lay in layers:
         numerics = cases.get(lay.name, [])
         for mode in sorted({n.activation for n in numerics} & set(GATE_MODES)):
             gate = _gate_input(ed, emu, lay, mode)
-            entry = [n for n in (nodes[x] for x in lay.nodes) if any(i in lay.inputs for i in n.input)]
             for t in lay.inputs:
                 if t in index.initializers:
                     continue
-                _gated(ed, t, gate, mode, ranges, symmetric, [n for n in entry if t in n.input])
-            if mode in ("static", "static16"):
+                for now, users in _readers(original, [nodes[x] for x in lay.nodes], t).items():
+                    _gated(ed, now, gate, mode, ranges, symmetric, users, source=t)
+            # int16x8 requantises every tensor; an int8 layer's output only where the runtime does
+            # (onnxruntime's QLinear kernels do; TensorRT's layer writes float unless a Q follows).
+            if mode == "static16" or (mode == "static" and any(n.quantize_output for n in numerics if n.activation == mode)):
                 for out in lay.outputs[:1]:
                     if out not in index.graph_outputs:
                         _gated(ed, out, gate, mode, ranges, symmetric, None)
@@ -138,19 +145,31 @@ def _weight_error(ed: qdq.GraphEditor, emu: Emulator, lay: Layer, anchor: onnx.N
     ed.add_node("If", [gate], [out], f"{gate}_If", then_branch=then_g, else_branch=else_g)
 
 
-def _gated(ed: qdq.GraphEditor, tensor: str, gate: str, mode: str, ranges: dict, symmetric: bool, users) -> None:
+def _readers(original: dict[str, list[str]], nodes: list[onnx.NodeProto], tensor: str) -> dict[str, list[onnx.NodeProto]]:
+    """What each of ``nodes`` now reads where it read ``tensor`` in the model as given -> those nodes."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for name in {n.input[i] for i, was in enumerate(original.get(n.name, ())) if was == tensor}:
+            out.setdefault(name, []).append(n)
+    return out
+
+
+def _gated(ed: qdq.GraphEditor, tensor: str, gate: str, mode: str, ranges: dict, symmetric: bool, users,
+           source: str | None = None) -> None:
     """x -> If(gate, fq(x), x), rewiring ``users`` (None: every consumer).
 
+    ``source``: the model's tensor whose calibrated range applies when ``tensor`` is a gated copy of it.
     An If runs only the branch taken, so an open gate costs nothing but the If itself.
     """
-    if mode in ("static", "static16") and tensor not in ranges:
+    source = source or tensor
+    if mode in ("static", "static16") and source not in ranges:
         return  # no calibrated range: nothing to emulate (the plan will say so)
-    base = f"{tensor}__{gate}"
+    base = f"{source}__{gate}"
     targets = users if users is not None else [n for n in ed.graph.node if tensor in n.input]
     fq = ed.unique(f"{base}_fq")
     nodes = []
     if mode in ("static", "static16"):
-        lo, hi = ranges[tensor]
+        lo, hi = ranges[source]
         if mode == "static":
             dtype = "int8" if symmetric else "uint8"
             scale, zp = qdq.affine_params(lo, hi, dtype, symmetric)

@@ -77,7 +77,8 @@ def affine_params(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = 
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if symmetric:
         amax = max(abs(lo), abs(hi))
-        scale = amax / ((qmax - qmin) / 2) if amax > 0 else 1.0
+        # int8: TensorRT's grid (scale amax / 127, codes -127..127); uint8 around 128
+        scale = (amax / (qmax if dtype == "int8" else (qmax - qmin) / 2)) if amax > 0 else 1.0
         zp = 0 if dtype == "int8" else 128
         return np.float32(scale), zp
     scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
@@ -180,18 +181,23 @@ def _clip_search(blocks: np.ndarray, params, qrange: tuple[int, int] = (0, 15)) 
 
 
 def block_int4_signed(w: np.ndarray, block_size: int, axis: int = 0) -> QuantizedWeight:
-    """Symmetric signed int4 blocks along ``axis`` (for DequantizeLinear-21 with ``block_size``)."""
+    """Symmetric signed int4 blocks along ``axis`` (for DequantizeLinear-21 with ``block_size``): codes
+    -7..7, each block's range clipped where that lowers its rounding error (the grid ``block_int4``
+    uses with ``symmetric=True``, so DMPQ's emulator sees the weights this lowering writes)."""
     w = np.asarray(w, dtype=np.float32)
     axis = axis % w.ndim
     moved = np.moveaxis(w, axis, 0)
-    k = moved.shape[0]
+    k, rest = moved.shape[0], moved.shape[1:]
     kb = -(-k // block_size)
-    pad = np.zeros((kb * block_size, *moved.shape[1:]), np.float32)
+    pad = np.zeros((kb * block_size, *rest), np.float32)
     pad[:k] = moved
-    blocks = pad.reshape(kb, block_size, *moved.shape[1:])
-    amax = np.abs(blocks).max(axis=1)
-    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[:, None]), -8, 7).reshape(kb * block_size, *moved.shape[1:])[:k]
+    blocks = np.moveaxis(pad.reshape(kb, block_size, -1), 1, -1)  # [kb, rest, block]
+    amax = np.abs(blocks).max(-1)
+    zero = np.zeros(amax.shape)
+    scale, _ = _clip_search(blocks, lambda r: (np.where(amax > 0, amax * r / 7.0, 1.0), zero), (-7, 7))
+    q = np.clip(np.rint(blocks / scale[..., None]), -7, 7)
+    q = np.moveaxis(q, -1, 1).reshape(kb * block_size, *rest)[:k]
+    scale = scale.reshape(kb, *rest)
     return QuantizedWeight(np.moveaxis(q.astype(np.int8), 0, axis), np.moveaxis(scale, 0, axis), axis, None, block_size)
 
 

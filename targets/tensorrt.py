@@ -10,6 +10,7 @@ Engines are built by TensorRT on the board (over SSH with --remote) or in proces
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from dscompile.profiles.devices import get_device
 from dscompile.profiles.runners import OrtRunner
 from dscompile.targets.base import Artifact, BuildOptions, describe_files
 from dscompile.targets.tensorrt_dla import dla_placement
-from dscompile.targets.tensorrt_plan import MENU, default_plan
+from dscompile.targets.tensorrt_plan import MENU, NUMERICS, default_plan, reference_precision
 from dscompile.targets.tensorrt_qdq import lower_plan
 from dscompile.targets.tensorrt_rules import RuleReport, check_model
 from dscompile.targets.tensorrt_script import (
@@ -112,8 +113,10 @@ class TensorRTTarget:
     def capabilities(self, graph: ModelGraph, device: str) -> TargetCapabilities:
         # The rule checker's verdicts per layer: DMPQ never picks a precision TensorRT refuses or runs no faster.
         verdicts = layer_verdicts(graph, release_for_device(device), self.name)
-        return TargetCapabilities(self.name, device, MENU, RooflineCost(device), ActivationScheme("entropy", True),
-                                  check=verdicts.check, advice=verdicts.advise)
+        caps = TargetCapabilities(self.name, device, MENU, RooflineCost(device), ActivationScheme("entropy", True),
+                                  NUMERICS, check=verdicts.check, advice=verdicts.advise)
+        # DMPQ's default budget is capped at the conventional INT8/FP16 placement's sensitivity (dmpq.py)
+        return replace(caps, reference=lambda layer: reference_precision(layer, caps.layer_menu(layer)))
 
     def lower(
         self, graph: ModelGraph, plan: QuantPlan | None, table: CalibrationTable | None,

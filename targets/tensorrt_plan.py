@@ -11,7 +11,16 @@ from __future__ import annotations
 from onnx import numpy_helper
 
 from dscompile.calibration.table import CalibrationTable
-from dscompile.compiler.capabilities import FP16, FP32, INT4_WEIGHT, INT8, Layer, PrecisionMenu
+from dscompile.compiler.capabilities import (
+    DEFAULT_NUMERICS,
+    FP16,
+    FP32,
+    INT4_WEIGHT,
+    INT8,
+    Layer,
+    Numerics,
+    PrecisionMenu,
+)
 from dscompile.compiler.graph import ModelGraph, static_shapes
 from dscompile.compiler.layers import ACT_MATMUL, GraphIndex, find_layers, layer_weight
 from dscompile.compiler.plan import LayerPlan, QuantPlan
@@ -28,6 +37,9 @@ MENU = PrecisionMenu(
     },
     default=(FP32, FP16),
 )
+# What each precision does to a layer here, for DMPQ's emulator: an INT8 layer quantizes its inputs
+# (Q/DQ in front) and writes float; only the next INT8 layer's Q/DQ requantizes (tensorrt_qdq.py).
+NUMERICS = {**DEFAULT_NUMERICS, INT8: Numerics("int8_channel", "static", quantize_output=False)}
 # INT8 on these only where a quantized neighbour makes TensorRT fuse them (placement decides).
 _INT8_BY_DEFAULT = ("Conv", "ConvTranspose", "MatMul", "Gemm", ACT_MATMUL, "Add", "Concat", "MaxPool", "AveragePool",
                     "GlobalAveragePool")
@@ -46,6 +58,14 @@ def int8_unfit(layer: Layer, graph: ModelGraph, index: GraphIndex, shapes: dict)
         if detail:
             return f"GEMM {detail} has no INT8 Tensor Core kernel on TensorRT (rule int8_gemm_small)"
     return ""
+
+
+def reference_precision(layer: Layer, menu: tuple[str, ...]) -> str:
+    """What this target's conventional placement gives a layer (as Model Optimizer places INT8 for
+    TensorRT): INT8 where the menu (after the rule checker's verdicts) keeps it, FP16 elsewhere."""
+    if INT8 in menu and layer.op in _INT8_BY_DEFAULT:
+        return INT8
+    return FP16 if FP16 in menu else FP32
 
 
 def default_plan(graph: ModelGraph, table: CalibrationTable | None, target: str, device: str) -> QuantPlan:

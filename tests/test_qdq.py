@@ -76,6 +76,8 @@ def test_dequantize_linear_21_int4_blocks_round_trip():
     assert list(q_init.dims) == [96, 40]
     np.testing.assert_array_equal(_run(model, {})[0], qw.dequantize())
     assert np.abs(qw.dequantize() - w).max() <= np.abs(w).max() / 7
+    # the grid DMPQ's emulator rounds to (block_int4, symmetric): what it measured is what is built
+    np.testing.assert_allclose(qw.dequantize(), qdq.block_int4(w, 32, symmetric=True).dequantize(), rtol=1e-6, atol=1e-7)
 
 
 def test_dynamic_matmul_is_close():
