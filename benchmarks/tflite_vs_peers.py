@@ -347,6 +347,37 @@ def timed():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def fit_budget(case: Case, target, graph, table, budget: int | None, float_bytes: int, tmp: Path, plan_samples: int):
+    """Our DMPQ build at most ``budget`` bytes: the size budget is the peers' byte size.
+
+    DMPQ's size total is the file's within a few per cent (tests/test_tflite.py), so the first
+    plan is asked for ``budget / float file``; a build still over it tightens the fraction by its
+    overshoot, and a fraction no allocation reaches ends the search on the smallest plan that
+    exists (the menu's int8 everywhere: DMPQ has nothing smaller for convolutions).
+    """
+    from dscompile.errors import InputError
+
+    fraction = budget / float_bytes if budget else None
+    model = plan = None
+    for attempt in range(5):
+        try:
+            model, plan = ours(case, target, graph, table, fraction, tmp / f"stage{attempt}", plan_samples)
+        except InputError as exc:  # tighter than any allocation reaches
+            print(f"{case.name}: {exc}", file=sys.stderr)
+            break
+        if budget is None or len(model) <= budget:
+            return model, plan, fraction
+        fraction *= 0.998 * budget / len(model)
+    from dscompile.targets.base import BuildOptions
+
+    smallest = target.default_plan(graph, table)
+    art = target.lower(graph, smallest, table, tmp / "smallest", BuildOptions(device=DEVICE))
+    small = art.primary_path.read_bytes()
+    if model is None or len(small) <= len(model):
+        return small, smallest, fraction
+    return model, plan, fraction
+
+
 def run_case(case: Case, target, threads: int, plan_samples: int = 16) -> dict[str, Any]:
     from dscompile.calibration.collect import calibrate
     from dscompile.compiler.ingest import IngestOptions, ingest
@@ -382,31 +413,22 @@ def run_case(case: Case, target, threads: int, plan_samples: int = 16) -> dict[s
             rows[name] = {"failed": (str(exc).splitlines() or [type(exc).__name__])[0][:200],
                           "tool_s": round(time.perf_counter() - start, 1)}
     budget = min((len(b) for b in peers.values()), default=None)
-    fraction = budget / len(fb.float.model) if budget else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        from dscompile.errors import InputError
+        model, plan, fraction = fit_budget(case, target, graph, table, budget, len(fb.float.model), Path(tmp), plan_samples)
+        took = round(time.perf_counter() - start + convert_s, 1)  # our tool time includes the float conversion
+        mine = "dscompile (DMPQ" + (f", size<={fraction:.4f}x float" if fraction else "") + ")"
+        rows[mine] = {**measure(case, model, io, ref_out, threads), "tool_s": took, "plan": plan.precision_counts(),
+                      "predicted_bytes": plan.predicted.get("bytes") if plan.predicted else None}
+        if budget is not None:
+            rows[mine]["within_peer_size"] = len(model) <= budget
+        from dscompile.targets.base import BuildOptions
 
-        model = plan = None
-        for attempt in range(4):  # DMPQ counts weight bytes; the file adds scales and structure: tighten until it fits
-            try:
-                model, plan = ours(case, target, graph, table, fraction, Path(tmp) / f"stage{attempt}", plan_samples)
-            except InputError as exc:  # tighter than any allocation reaches: keep the last one built
-                print(f"{case.name}: {exc}", file=sys.stderr)
-                break
-            if budget is None or len(model) <= budget:
-                break
-            fraction *= 0.97 * budget / len(model)
-        if model is None:  # not even the first budget is reachable: the int8-everywhere plan
-            from dscompile.targets.base import BuildOptions
-
-            plan = target.default_plan(graph, table)
-            art = target.lower(graph, plan, table, Path(tmp), BuildOptions(device=DEVICE))
-            model = art.primary_path.read_bytes()
-    took = round(time.perf_counter() - start + convert_s, 1)  # our tool time includes the float conversion
-    mine = "dscompile (DMPQ" + (f", size<={fraction:.3f}x float" if fraction else "") + ")"
-    rows[mine] = {**measure(case, model, io, ref_out, threads), "tool_s": took}
-    rows[mine]["plan"] = plan.precision_counts()
+        start = time.perf_counter()
+        art = target.lower(graph, target.default_plan(graph, table), table, Path(tmp) / "int8", BuildOptions(device=DEVICE))
+        rows["dscompile all-int8 (no DMPQ: its ranges, the menu's int8)"] = {
+            **measure(case, art.primary_path.read_bytes(), io, ref_out, threads),
+            "tool_s": round(time.perf_counter() - start + convert_s, 1)}
     base = rows[mine]["latency_ms_p50"]
     for r in rows.values():
         if "latency_ms_p50" in r:

