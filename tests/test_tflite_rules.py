@@ -95,3 +95,27 @@ def test_ranges_cross_pad_and_softmax_outputs_are_fixed():
     ranges = propagate_ranges(TflGraph(ops, tensors, (0,), (5,)), {"x": (-1.0, 2.0), "logits": (-3.0, 3.0)})
     assert ranges["padded"] == (-1.0, 2.0)
     assert ranges["probs"] == (0.0, 1.0)
+
+
+def test_folded_convolution_finds_its_layer_by_input():
+    """onnx2tf folds HardSigmoid's affine into a squeeze-excite convolution: its output matches no
+    ONNX tensor and its consumer is in no layer; it still belongs to the Conv reading its input."""
+    from onnx import helper
+
+    from dscompile.targets.tflite_assign import op_layers
+    from dscompile.targets.tflite_flatbuffer import TflGraph, TflOp, TflTensor
+    from dscompile.targets.tflite_tensor_map import TensorMap
+
+    model = helper.make_model(helper.make_graph([
+        helper.make_node("Conv", ["r", "w"], ["c"], name="conv"),
+        helper.make_node("HardSigmoid", ["c"], ["h"], name="hs"),
+    ], "g", [], []))
+
+    def t(i, name, shape=(1, 4), constant=False):
+        return TflTensor(i, name, "float32", shape, constant, False)
+
+    tensors = (t(0, "tfl_r"), t(1, "tfl_w", (4, 1, 1, 4), True), t(2, "tfl_folded"), t(3, "tfl_h"))
+    ops = (TflOp(0, "CONV_2D", (0, 1), (2,)), TflOp(1, "RELU_0_TO_1", (2,), (3,)))
+    tmap = TensorMap(None, {"r": "tfl_r", "h": "tfl_h"}, {"tfl_r": ("r",), "tfl_h": ("h",)}, ("tfl_folded",), 1, 0.0)
+    layers = op_layers(TflGraph(ops, tensors, (0,), (3,)), tmap, model, {"conv": "Conv.25"})
+    assert layers == {0: "Conv.25", 1: ""}
