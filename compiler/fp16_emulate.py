@@ -20,6 +20,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dscompile.compiler.layers import tensor_types
+
 _F16, _F32 = TensorProto.FLOAT16, TensorProto.FLOAT
 
 
@@ -38,7 +40,7 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     if not has_fp16(model) or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                   for n in model.graph.node for a in n.attribute):
         return model
-    types = _elem_types(model)
+    types = tensor_types(model)  # best effort: Casts to FP16 are also found by their attribute
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -66,17 +68,6 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(_narrow_fp16_outputs(g, taken))
     del g.value_info[:]
     return out
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is best effort: Casts to FP16 are still found by their attribute
-        inferred = model
-    g = inferred.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
-    types.update({t.name: t.data_type for t in g.initializer})
-    return types
 
 
 def _widen_fp16_inputs(g: onnx.GraphProto, taken: set[str]) -> list[onnx.NodeProto]:
