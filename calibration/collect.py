@@ -8,17 +8,23 @@ number of samples.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnx
 
 from dscompile.calibration.feeds import Feed, rows_of
-from dscompile.calibration.histograms import DEFAULT_BINS, StreamingHistogram
+from dscompile.calibration.histograms import (
+    DEFAULT_BINS,
+    StreamingHistogram,
+)
 from dscompile.calibration.methods import METHODS, QUANT_LEVELS, compute, values_needed
 from dscompile.calibration.progress import Progress
 from dscompile.calibration.shapes import INPUT_SHAPES, InputShapes
@@ -38,6 +44,7 @@ _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DO
 # spends the same CPU per row at 1 row as at 32 on the CNNs measured, and a large cap let runs of a
 # varied-shape stream grow fuller as the sample count grew (PP-OCR: peak RSS 1.2x from 100 to 1000).
 _ACTIVATION_BUDGET = 32 << 20
+_TWO_SESSIONS_MAX_WEIGHTS = 512 << 20
 
 
 def quantizable_tensors(model: onnx.ModelProto) -> list[str]:
@@ -106,32 +113,17 @@ def calibrate(
     graph_inputs = {vi.name for vi in model.graph.input}
     _check_names(model, names)
     outputs = [n for n in names if n not in graph_inputs]
-    session = _session(_with_outputs(model, outputs))
+    aug = _with_outputs(model, outputs)
+    workers = _workers(aug)
+    sessions = [_session(aug, max(1, _cores() // workers)) for _ in range(workers)]
     stats = {n: StreamingHistogram(num_bins) for n in names}
     total = getattr(feeds, "count", None) or (sum(map(rows_of, feeds)) if isinstance(feeds, (list, tuple)) else None)
-    rows = 0
     start = time.perf_counter()
-    observed_inputs = [n for n in names if n in graph_inputs]
     shapes = InputShapes()
-    # Histograms of batch k are updated on a worker thread while onnxruntime runs batch k+1 (both
-    # release the GIL); at most one batch of activations waits, so memory stays bounded.
-    with ThreadPoolExecutor(1, thread_name_prefix="calib") as pool, \
-            Progress("calibrating", total, enabled=progress) as bar:
-        pending = None
-        split = _Splitter(_ACTIVATION_BUDGET, _dynamic_batch(model))
-        for feed in split(feeds):
-            arrays = _run(session, outputs, feed)
-            split.observe(feed, arrays)
-            shapes.add(feed)
-            if pending is not None:
-                pending.result()
-            observed = [*zip(outputs, arrays, strict=True), *((n, feed[n]) for n in observed_inputs)]
-            pending = pool.submit(_update, stats, observed)
-            n = rows_of(feed)
-            rows += n
-            bar.advance(n)
-        if pending is not None:
-            pending.result()
+    observe = _Observe(stats, outputs, [n for n in names if n in graph_inputs])
+    split = _Splitter(_ACTIVATION_BUDGET, _dynamic_batch(model))
+    with Progress("calibrating", total, enabled=progress) as bar:
+        rows = _stream(split(feeds), split, sessions, observe, shapes, bar)
     if rows == 0:
         raise InputError("the calibration data holds no samples")
     seconds = time.perf_counter() - start
@@ -142,10 +134,72 @@ def calibrate(
     return table
 
 
-def _update(stats: dict[str, StreamingHistogram], observed: list[tuple[str, np.ndarray]]) -> None:
-    for name, a in observed:
-        if a.dtype.kind == "f":
-            stats[name].update(a)
+def _stream(batches: Iterator[Feed], split: _Splitter, sessions: list, observe: _Observe, shapes: InputShapes,
+            bar: Progress) -> int:
+    """Run and observe every batch, one worker per session; returns the number of rows.
+
+    Each worker runs its batch through its own single-threaded session, then bins the results
+    (onnxruntime and the compiled kernels both release the GIL). On 2 cores, two such workers
+    kept both busy where one session on both cores plus a histogram thread left one idle while
+    the other binned. Batch k+len(sessions) is cut only after batch k is done, so the cuts, like
+    the histograms (updated per tensor in batch order), do not depend on thread timing.
+    """
+    rows, inflight = 0, deque()
+    with ThreadPoolExecutor(len(sessions), thread_name_prefix="calib") as pool:
+        try:
+            for k in itertools.count():
+                if len(inflight) == len(sessions):
+                    rows += _settle(inflight.popleft(), split, shapes, bar)
+                feed = next(batches, None)
+                if feed is None:
+                    break
+                inflight.append((feed, pool.submit(observe, k, sessions[k % len(sessions)], feed)))
+            while inflight:
+                rows += _settle(inflight.popleft(), split, shapes, bar)
+        except BaseException:
+            observe.abort()
+            raise
+    return rows
+
+
+def _settle(item: tuple[Feed, Future], split: _Splitter, shapes: InputShapes, bar: Progress) -> int:
+    feed, future = item
+    split.observe_bytes(feed, future.result())
+    shapes.add(feed)
+    n = rows_of(feed)
+    bar.advance(n)
+    return n
+
+
+class _Observe:
+    """Runs batch k and folds its tensors into the histograms, each tensor after batch k-1's update
+    of it (the order a serial loop would have), so the results do not depend on thread timing."""
+
+    def __init__(self, stats: dict[str, StreamingHistogram], outputs: Sequence[str], inputs: Sequence[str]) -> None:
+        self.stats, self.outputs, self.inputs = stats, list(outputs), list(inputs)
+        self.done = dict.fromkeys(stats, -1)  # tensor -> last batch folded in
+        self.cond = threading.Condition()
+        self.aborted = False
+
+    def __call__(self, k: int, session, feed: Feed) -> int:
+        arrays = _run(session, self.outputs, feed)
+        observed = [*zip(self.outputs, arrays, strict=True), *((n, feed[n]) for n in self.inputs)]
+        for name, a in observed:
+            with self.cond:
+                self.cond.wait_for(lambda name=name: self.done[name] == k - 1 or self.aborted)
+                if self.aborted:
+                    raise InputError("calibration stopped")  # another batch failed; its error is the one reported
+            if a.dtype.kind == "f":
+                self.stats[name].update(a)
+            with self.cond:
+                self.done[name] = k
+                self.cond.notify_all()
+        return sum(a.nbytes for a in arrays)
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
 
 
 def _check_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
@@ -163,7 +217,14 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return aug
 
 
-def _session(model: onnx.ModelProto):
+def _workers(model: onnx.ModelProto) -> int:
+    """Two single-threaded workers on a machine with 2+ cores, unless the model is big enough that a
+    second copy of its weights costs more memory than the parallelism is worth."""
+    weights = sum(len(t.raw_data) or 4 * int(np.prod(t.dims)) for t in model.graph.initializer)
+    return 2 if _cores() >= 2 and weights <= _TWO_SESSIONS_MAX_WEIGHTS else 1
+
+
+def _session(model: onnx.ModelProto, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -171,10 +232,7 @@ def _session(model: onnx.ModelProto):
     # onnxruntime's pool threads spin between parallel sections by default; those cycles are the ones
     # the histogram thread runs in, so spinning only trades our work for busy-waiting
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # One core is left to the histogram thread. With onnxruntime's pool on every core the thread
-    # preempts a pool thread, and every parallel section then waits for that one: on the idle
-    # 2-core VM, PP-OCRv4's calibration took 2.66x plain inference so and 1.86x with this.
-    so.intra_op_num_threads = max(1, _cores() - 1)
+    so.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -221,9 +279,11 @@ class _Splitter:
         self.per_item: float | None = None  # activation bytes per input element
 
     def observe(self, feed: Feed, arrays: Sequence[np.ndarray]) -> None:
+        self.observe_bytes(feed, sum(a.nbytes for a in arrays))
+
+    def observe_bytes(self, feed: Feed, nbytes: int) -> None:
         items = sum(v.size for v in feed.values()) or 1
-        seen = sum(a.nbytes for a in arrays) / items
-        self.per_item = max(self.per_item or 0.0, seen)
+        self.per_item = max(self.per_item or 0.0, nbytes / items)
 
     def __call__(self, feeds: Iterable[Feed]) -> Iterator[Feed]:
         for feed in feeds:
