@@ -21,10 +21,7 @@ import numpy as np
 import onnx
 
 from dscompile.calibration.feeds import Feed, rows_of
-from dscompile.calibration.histograms import (
-    DEFAULT_BINS,
-    StreamingHistogram,
-)
+from dscompile.calibration.histograms import DEFAULT_BINS, StreamingHistogram
 from dscompile.calibration.methods import METHODS, QUANT_LEVELS, compute, values_needed
 from dscompile.calibration.progress import Progress
 from dscompile.calibration.shapes import INPUT_SHAPES, InputShapes
