@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from dscompile.calibration.table import CalibrationTable
-from dscompile.compiler.allocate import Allocation, Budget, Choice, allocate
+from dscompile.compiler.allocate import Allocation, Budget, Choice, allocate, totals
 from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import find_layers
@@ -30,6 +30,7 @@ from dscompile.compiler.sensitivity import Sensitivity, measure
 log = logging.getLogger("dscompile")
 Feed = dict[str, np.ndarray]
 DEFAULT_BUDGET = Budget("kl", 0.01)
+_OFF_DEVICE_MARGIN = 1e-6  # an option leaving the accelerator is worse than its layer's worst staying one by this
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,42 @@ def make_plan(
     choices = [_choice(lay, caps, sens) for lay in layers]
     fixed_bytes, fixed_ms = fixed_cost(graph, layers, caps)
     budget = _default_capped(options.budget, layers, choices, caps)
-    alloc = allocate(choices, budget, fixed_bytes, fixed_ms)
+    alloc = allocate(prefer_on_device(choices, layers, caps, budget), budget, fixed_bytes, fixed_ms)
+    alloc = replace(alloc, sensitivity=totals(choices, alloc.precisions, fixed_bytes, fixed_ms)[0])  # unpenalised
     lps = tuple(_layer_plan(lay, caps, sens, ranges, alloc, outputs, consts) for lay in layers)
     return QuantPlan(
         target=caps.target, model_sha256=model_sha256 or graph.sha256, layers=lps,
         budget=budget.to_json(), predicted=_predicted(alloc, caps, sens), device=caps.device,
         sensitivity_metric=sens.metric,
     )
+
+
+def prefer_on_device(choices: list[Choice], layers: list[Layer], caps: TargetCapabilities,
+                     budget: Budget) -> list[Choice]:
+    """Under a size or latency budget, options that would leave the device's accelerator rank below
+    every option of their layer that stays on it.
+
+    The cost model says which (an optional ``off_device(layer, precision) -> reason`` method; the
+    snapdragon target's: a hybrid int8-dynamic kernel has no Hexagon NPU counterpart, so it runs on
+    the phone's CPU between two delegate boundaries). A ``kl`` budget already minimises latency, which
+    prices the fallback; a ``size`` budget minimises sensitivity and would take such an option for
+    its fidelity. So its sensitivity is raised above the worst staying option of the layer: the
+    allocation leaves the accelerator only where staying cannot meet the budget, or where what the
+    bytes saved buy elsewhere outweighs the layer's whole range of staying options.
+    """
+    off = getattr(caps.cost_model, "off_device", None)
+    if budget.kind == "kl" or not callable(off):
+        return choices
+    out = []
+    for lay, c in zip(layers, choices, strict=True):
+        leave = {p for p in c.options if off(lay, p)}
+        stay = [o[0] for p, o in c.options.items() if p not in leave]
+        if not leave or not stay:
+            out.append(c)
+            continue
+        floor = max(stay) + _OFF_DEVICE_MARGIN
+        out.append(Choice(c.layer, {p: (o[0] + floor if p in leave else o[0], o[1], o[2]) for p, o in c.options.items()}))
+    return out
 
 
 def _default_capped(budget: Budget, layers: list[Layer], choices: list[Choice], caps: TargetCapabilities) -> Budget:
