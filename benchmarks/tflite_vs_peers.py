@@ -13,7 +13,9 @@ Peers, each given the same calibration samples and judged on the same held-out s
   (a) onnx2tf's own int8 output: onnx2tf 1.29.24 -oiqt (TFLite converter calibration, per-channel),
   (b) ai-edge-quantizer's own static int8 recipe (static_wi8_ai8) with its own calibrate(),
       on the float .tflite dscompile converted (same graph, so only quantization differs),
-  (c) ours: dscompile's DMPQ plan with its calibration, under a size budget equal to the
+  (c) ours: dscompile's DMPQ plan with its calibration (the table's ranges; tensors it cannot
+      range, with no ONNX twin, measured on the float .tflite over the same calibration
+      samples: targets/tflite_ranges.py), under a size budget equal to the
       smallest peer's file size (DMPQ's byte total is the file's within a few per cent;
       a build still over it is re-planned tighter, down to the menu's int8 everywhere),
   (d) ours without DMPQ: int8 wherever the menu allows, on dscompile's ranges.
@@ -144,7 +146,7 @@ def ours(case: Case, target, graph, table, size_fraction: float | None, stage: P
         settings = replace(settings, budget=Budget("size", size_fraction))
     plan, _ = plan_for(target, graph, DEVICE, table, case.calib[:plan_samples], (), settings)
     stage.mkdir(parents=True, exist_ok=True)
-    art = target.lower(graph, plan, table, stage, BuildOptions(device=DEVICE))
+    art = target.lower(graph, plan, table, stage, BuildOptions(device=DEVICE, samples=tuple(case.calib)))
     return art.primary_path.read_bytes(), plan
 
 
@@ -240,7 +242,7 @@ def fit_budget(case: Case, target, graph, table, budget: int | None, float_bytes
 
     smallest = target.default_plan(graph, table)
     (tmp / "smallest").mkdir()
-    art = target.lower(graph, smallest, table, tmp / "smallest", BuildOptions(device=DEVICE))
+    art = target.lower(graph, smallest, table, tmp / "smallest", BuildOptions(device=DEVICE, samples=tuple(case.calib)))
     small = art.primary_path.read_bytes()
     if model is None or len(small) <= len(model):
         return small, smallest, fraction
@@ -298,7 +300,7 @@ def run_case(case: Case, target, threads: int, plan_samples: int = 16, keep: Pat
 
         start = time.perf_counter()
         (Path(tmp) / "int8").mkdir()
-        art = target.lower(graph, target.default_plan(graph, table), table, Path(tmp) / "int8", BuildOptions(device=DEVICE))
+        art = target.lower(graph, target.default_plan(graph, table), table, Path(tmp) / "int8", BuildOptions(device=DEVICE, samples=tuple(case.calib)))
         int8 = "dscompile all-int8 (no DMPQ: its ranges, the menu's int8)"
         models[int8] = art.primary_path.read_bytes()
         rows[int8] = {**measure(case, models[int8], io, ref_out, threads),

@@ -100,12 +100,40 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def weights_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes holding float tensors of rank >= 2 become initializers of the same name.
+
+    Exporters such as paddle2onnx put weights in Constant nodes (PP-OCRv4's recogniser: every
+    MatMul and its CTC head); layers read weights from initializers (compiler/layers.py), so
+    those would be activation matmuls of 0 bytes and DMPQ would not see 9 MB of them. Scalars
+    and shape vectors stay nodes (converters read some of them from Constant nodes).
+    """
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    keep, moved = [], []
+    for n in g.node:
+        t = n.attribute[0].t if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value" else None
+        if t is not None and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2 and n.output[0] not in outputs:
+            w = onnx.TensorProto()
+            w.CopyFrom(t)
+            w.name = n.output[0]
+            moved.append(w)
+        else:
+            keep.append(n)
+    if moved:
+        del g.node[:]
+        g.node.extend(keep)
+        g.initializer.extend(moved)
+    return model
+
+
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with opset >= 13, unique node names and BatchNormalization folded into convolutions."""
+    """A copy with opset >= 13, unique node names, weights held by Constant nodes as initializers,
+    and BatchNormalization folded into convolutions."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     out = upgrade_opset(out)
-    return fold_batchnorm(name_nodes(out))
+    return fold_batchnorm(weights_as_initializers(name_nodes(out)))
 
 
 def prepared(graph: ModelGraph) -> ModelGraph:

@@ -152,7 +152,8 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
         graph, plan, distilled = distiller.final(plan)
     stage = make_stage(out)
     try:
-        build = replace(options.target_options, seed=options.seed, threads=options.threads, device=device, extra=options.extra)
+        build = replace(options.target_options, seed=options.seed, threads=options.threads, device=device, extra=options.extra,
+                        samples=calibrated.samples)
         artifact = target.lower(graph, plan, table, stage, build)
         fidelity, latency = _verify(ingested, target, artifact, options, calibrated.holdout, plan)
         report = build_report(

@@ -82,6 +82,7 @@ class BuildOptions:
     dla: int | None = None  # DLA core on Jetson
     build_engine: bool | None = None  # None: build where the runtime exists
     benchmark_binary: Path | None = None  # TFLite benchmark_model for ADB timing
+    samples: tuple[dict, ...] = ()  # calibration feeds (never held-out), for a target ranging tensors of its own
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -6,9 +6,12 @@ twin (a matmul before a separate bias add) joins the layer of its consumer.
 Ops in no layer (reshapes, transposes, pooling, softmax...) are "glue": they
 are quantized with a statically quantized neighbour when every tensor they
 touch has a calibrated range, so an int8 graph stays integer between layers
-instead of bouncing through float. An op whose tensors have no range at all
-(the inside of a decomposed LayerNorm: no ONNX tensor carries those values)
-stays float, and the report says so.
+instead of bouncing through float. Tensors with no ONNX twin (the inside of a
+decomposed LayerNorm: no ONNX tensor carries those values), and mapped ones
+whose ONNX twin the table did not calibrate, take the range measured on the
+float .tflite (targets/tflite_ranges.py) when the build has
+calibration samples; an op with a tensor still without a range stays float, and
+the report says so.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class OpAssignment:
     ranges: dict[str, Range]  # TFLite tensor -> [lo, hi] for every statically quantized op's tensors
     symmetric: dict[int, bool]  # op index -> symmetric activations
     kept_float: list[dict[str, object]] = field(default_factory=list)  # static wanted, no range
+    measured: tuple[str, ...] = ()  # quantized tensors whose range was measured on the float .tflite
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -140,16 +144,24 @@ def propagate_ranges(graph: TflGraph, known: dict[str, Range]) -> dict[str, Rang
 def assign_ops(
     graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str],
     layer_precision: Mapping[str, str], onnx_range: Callable[[str], Range | None],
-    symmetric_layers: Mapping[str, bool] = {},
+    symmetric_layers: Mapping[str, bool] = {}, measured: Mapping[str, Range] = {},
 ) -> OpAssignment:
-    """The precision of every TFLite op under a plan, and the ranges of its tensors."""
+    """The precision of every TFLite op under a plan, and the ranges of its tensors.
+
+    ``measured``: ranges of TFLite tensors taken on the float .tflite; they fill only
+    tensors that neither the map (with the table) nor propagation from them gives a range.
+    """
     layer_of = op_layers(graph, tmap, model, node_layer)
     known = {}
     for tname, onames in tmap.tflite_to_onnx.items():
         found = next((r for r in map(onnx_range, onames) if r is not None), None)
         if found is not None:
             known[tname] = found
-    ranges = propagate_ranges(graph, known)
+    ranges = base = propagate_ranges(graph, known)
+    filled = {n: r for n, r in measured.items() if n not in base}
+    if filled:  # propagate again: a measured range also holds across the reshapes around its tensor
+        ranges = propagate_ranges(graph, {**base, **filled})
+    derived = set(ranges) - set(base)
     precision: dict[int, str] = {}
     kept: list[dict[str, object]] = []
     for op in graph.ops:
@@ -167,7 +179,8 @@ def assign_ops(
     kept.extend(_float_glue(graph, layer_of, precision, ranges))
     used = {n for op in graph.ops if precision[op.index] in STATIC for n in _float_acts(graph, op)}
     symmetric = {i: precision[i] == INT16X8 or symmetric_layers.get(layer_of[i], False) for i in precision}
-    return OpAssignment(precision, layer_of, {n: ranges[n] for n in used}, symmetric, kept)
+    return OpAssignment(precision, layer_of, {n: ranges[n] for n in used}, symmetric, kept,
+                        tuple(sorted(used & derived)))
 
 
 def _float_glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str],

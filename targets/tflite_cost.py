@@ -6,7 +6,9 @@ op list, a hybrid dynamic-range kernel, float on an HTP without FP16) runs
 in float off the NPU, and splits the delegated graph: it costs its fp32
 estimate plus two delegate boundaries (leaving the NPU and coming back), each
 priced at the profile class's per-invocation overhead. So DMPQ, minimising
-latency, prefers allocations that keep the graph on the NPU.
+latency, prefers allocations that keep the graph on the NPU; under a size budget,
+where latency only breaks ties, ``off_device`` tells DMPQ which options leave the
+NPU, and it ranks them below every NPU-resident option of their layer.
 
 Bytes are what the .tflite holds for the layer at that precision (``tflite_bytes``),
 not just its weight at the precision's width: the bias (int32 under int8, int64
@@ -102,6 +104,12 @@ class SnapdragonCost:
 
     def on_htp(self, layer: Layer, precision: str) -> tuple[bool, str]:
         return layer_runs_on_htp(self.rules, layer.op, precision, self.htp_fp16)
+
+    def off_device(self, layer: Layer, precision: str) -> str:
+        """Why ``layer`` at ``precision`` would leave the Hexagon NPU ("" when it stays): DMPQ ranks
+        such options below the layer's NPU-resident ones under a size budget (compiler/dmpq.py)."""
+        ok, why = self.on_htp(layer, precision)
+        return "" if ok else why or "off the HTP"
 
     def cost(self, layer: Layer, precision: str) -> Cost:
         base = layer_cost(self.profile, layer, precision)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +31,7 @@ from dscompile.targets.tflite_compat import compat_report
 from dscompile.targets.tflite_convert import FloatTflite, convert_onnx
 from dscompile.targets.tflite_flatbuffer import TflGraph, attach_metadata, read_graph
 from dscompile.targets.tflite_quantize import build_recipe, qsvs, quantize
+from dscompile.targets.tflite_ranges import float_ranges
 from dscompile.targets.tflite_tensor_map import TensorMap, build_map
 
 log = logging.getLogger("dscompile")
@@ -85,8 +87,14 @@ def default_plan(g: ModelGraph, caps: TargetCapabilities, table: CalibrationTabl
 
 def quantize_plan(
     g: ModelGraph, fb: FloatBuild, plan: QuantPlan, table: CalibrationTable | None, caps: TargetCapabilities,
+    samples: Sequence[dict] = (),
 ) -> tuple[bytes, OpAssignment]:
-    """Lower ``plan`` onto the float TFLite: per-op precisions, our ranges, ai-edge-quantizer."""
+    """Lower ``plan`` onto the float TFLite: per-op precisions, our ranges, ai-edge-quantizer.
+
+    ``samples`` (calibration feeds, ONNX-named): the float .tflite runs on them to range the
+    TFLite tensors the table gives no range (no ONNX twin, or a twin not calibrated);
+    without samples those tensors' ops stay float.
+    """
     layers = find_layers(g)
     outs = {o.name for o in g.model.graph.output}
     consts = {t.name for t in g.model.graph.initializer}
@@ -102,7 +110,8 @@ def quantize_plan(
     node_layer = {n: lp.name for lp in plan.layers for n in lp.nodes}
     precision = {lp.name: lp.precision for lp in plan.layers}
     symmetric = {lp.name: bool(lp.activations.get("symmetric", False)) for lp in plan.layers}
-    assignment = assign_ops(fb.graph, fb.tmap, g.model, node_layer, precision, onnx_range, symmetric)
+    measured = float_ranges(fb.float.model, fb.tmap.io, samples) if plan.layers else {}
+    assignment = assign_ops(fb.graph, fb.tmap, g.model, node_layer, precision, onnx_range, symmetric, measured)
     quantized_ops = {i: p for i, p in assignment.precision.items() if p != FP32}
     recipe = build_recipe(fb.float.model, quantized_ops, assignment.symmetric)
     ranks = {t.name: len(t.shape) for t in fb.graph.tensors}
@@ -125,11 +134,11 @@ def lower(target: Any, graph: ModelGraph, plan: QuantPlan | None, table: Calibra
     fb = replace(fb, float=replace(fb.float, model=tagged))
     model, assignment = fb.float.model, None  # no plan: fp32 (a table alone only verifies, as with --fp32)
     if plan is not None:
-        model, assignment = quantize_plan(g, fb, plan, table, caps)
+        model, assignment = quantize_plan(g, fb, plan, table, caps, options.samples)
     (stage / MODEL_FILE).write_bytes(model)
     built = read_graph(model)
     notes: dict[str, Any] = {
-        "tflite": _tflite_notes(fb, built, assignment),
+        "tflite": _tflite_notes(fb, built, assignment, len(options.samples)),
         "hexagon": compat_report(built, snapdragon_profile(device), fb.tmap.tflite_to_onnx),
     }
     if request is not None:
@@ -138,7 +147,7 @@ def lower(target: Any, graph: ModelGraph, plan: QuantPlan | None, table: Calibra
     return Artifact(target.name, device, stage, MODEL_FILE, files, notes)
 
 
-def _tflite_notes(fb: FloatBuild, built: TflGraph, assignment: OpAssignment | None) -> dict[str, Any]:
+def _tflite_notes(fb: FloatBuild, built: TflGraph, assignment: OpAssignment | None, samples: int) -> dict[str, Any]:
     notes: dict[str, Any] = {
         "converter": fb.float.converter,
         "quantizer": f"ai-edge-quantizer {version('ai-edge-quantizer')}" if assignment else None,
@@ -152,4 +161,10 @@ def _tflite_notes(fb: FloatBuild, built: TflGraph, assignment: OpAssignment | No
     if assignment is not None:
         notes["op_precisions"] = assignment.counts()
         notes["kept_float_no_range"] = assignment.kept_float
+        notes["ranges_measured_on_float_tflite"] = {
+            "tensors": len(assignment.measured), "samples": samples,
+            "why": "TFLite tensors the calibration table gives no range (no ONNX twin, or a twin not calibrated): "
+            "min/max over the calibration samples on the float .tflite" if samples
+            else "no calibration samples in this build: tensors the calibration table does not range stay float",
+        }
     return notes

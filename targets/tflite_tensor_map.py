@@ -126,7 +126,7 @@ def channels_last_perm(rank: int) -> tuple[int, ...]:
     return (0, *range(2, rank), 1)
 
 
-class _Litert:
+class PreservedRun:
     """The float TFLite run with every intermediate tensor preserved."""
 
     def __init__(self, tflite: bytes) -> None:
@@ -156,7 +156,7 @@ class _Litert:
 
 
 def bind_io(
-    model: onnx.ModelProto, lite: _Litert, feeds: Sequence[Feed], channels_last: Sequence[str],
+    model: onnx.ModelProto, lite: PreservedRun, feeds: Sequence[Feed], channels_last: Sequence[str],
 ) -> tuple[IoMap, list[dict[str, np.ndarray]], float]:
     """Input/output bindings that make the float TFLite reproduce the ONNX outputs."""
     sess = ort_session(model, optimize=False)
@@ -234,7 +234,7 @@ def build_map(
     Raises VerificationError naming the first diverging ONNX tensor when the
     TFLite outputs disagree with onnxruntime's.
     """
-    lite = _Litert(tflite)
+    lite = PreservedRun(tflite)
     io, _, err = bind_io(model, lite, feeds, channels_last)
     onnx_values = run_onnx_all(model, feeds)
     graph = read_graph(tflite)
@@ -249,7 +249,7 @@ def build_map(
     return TensorMap(io, onnx_to_tfl, tfl_to_onnx, unmapped, len(feeds), err)
 
 
-def _tflite_values(lite: _Litert, graph: TflGraph, io: IoMap, feeds: Sequence[Feed]) -> dict[int, list[np.ndarray]]:
+def _tflite_values(lite: PreservedRun, graph: TflGraph, io: IoMap, feeds: Sequence[Feed]) -> dict[int, list[np.ndarray]]:
     wanted = [t.index for t in graph.tensors if t.dtype == "float32" and not t.constant]
     values: dict[int, list[np.ndarray]] = {i: [] for i in wanted}
     for feed in feeds:

@@ -160,3 +160,25 @@ def test_pinned_layers_keep_their_precision_and_the_rest_is_re_solved():
     assert free.precisions == {"a": "fp32", "b": "int8", "c": "int8"}
     pinned = allocate(choices, Budget("size", 0.5), pinned={"b": "fp32"})
     assert pinned.precisions == {"a": "int8", "b": "fp32", "c": "int8"} and pinned.bytes <= 150
+
+
+def test_weights_in_constant_nodes_are_layer_weights(digits):
+    """paddle2onnx-style weights (Constant nodes, not initializers) are found as the same layers, same bytes."""
+    from dscompile.compiler.runtime import ort_session
+
+    model = onnx.load(digits.onnx)
+    as_nodes = onnx.ModelProto()
+    as_nodes.CopyFrom(model)
+    big = [t for t in as_nodes.graph.initializer if len(t.dims) >= 2]
+    consts = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in big]
+    kept = [t for t in as_nodes.graph.initializer if len(t.dims) < 2]
+    del as_nodes.graph.initializer[:]
+    as_nodes.graph.initializer.extend(kept)
+    nodes = consts + list(as_nodes.graph.node)
+    del as_nodes.graph.node[:]
+    as_nodes.graph.node.extend(nodes)
+    want = [(lay.op, lay.weights, lay.params) for lay in find_layers(_graph(model))]
+    got = [(lay.op, lay.weights, lay.params) for lay in find_layers(_graph(as_nodes))]
+    assert got == want and any(w for _, w, _ in want)
+    x = {model.graph.input[0].name: digits.test_x[:1]}
+    np.testing.assert_array_equal(ort_session(_graph(as_nodes).model).run(None, x)[0], ort_session(model).run(None, x)[0])

@@ -218,6 +218,53 @@ def test_dmpq_keeps_the_digits_on_the_npu(target, digits_case, monkeypatch):
     assert off_npu(blind), f"without the HTP penalty DMPQ stayed on the NPU anyway: {blind.precision_counts()}"
 
 
+def test_size_budget_prefers_npu_precisions(target, digits_case, monkeypatch):
+    """Under ``size=``, dynamic-range int8 beats int8 on fidelity and on bytes (no bias scales), but the
+    HTP cannot run it: DMPQ takes int8 unless only the dynamic kernels meet the budget.
+
+    A size budget uses latency only to break ties (weight 1e-6); the digits' sensitivities are that
+    small too, so the off-HTP latency price is taken out here, as real models' sensitivities do.
+    """
+    from dscompile.compiler.allocate import Budget
+    from dscompile.compiler.capabilities import Cost, PrecisionMenu
+    from dscompile.compiler.dmpq import fixed_cost
+    from dscompile.profiles.estimate import layer_cost
+    from dscompile.targets import tflite, tflite_cost
+
+    menu = (FP32, INT8, INT8_DYNAMIC)  # no fp16 / int4 / int16x8: they would win on the digits
+    monkeypatch.setattr(tflite, "MENU", PrecisionMenu(by_op={"Conv": menu, "Gemm": menu}))
+
+    def unpriced(self, layer, precision):  # the cost model's bytes, the roofline's latency on any unit
+        base = layer_cost(self.profile, layer, precision)
+        nbytes = tflite_cost.tflite_bytes(layer, precision, self.channels) if layer.weights else base.bytes
+        return Cost(nbytes, base.latency_ms, base.kind, base.source)
+
+    monkeypatch.setattr(tflite_cost.SnapdragonCost, "cost", unpriced)
+    g = prepared(digits_case.graph)
+    caps = target.capabilities(g, DEVICE)
+    layers = find_layers(g)
+    fixed = fixed_cost(g, layers, caps)[0]
+
+    def fraction(p: str) -> float:  # the file everywhere at p, as a fraction of fp32 (1.001: rounding room)
+        def size(q: str) -> float:
+            return fixed + sum(caps.cost_model.cost(lay, q if q in caps.layer_menu(lay) else FP32).bytes for lay in layers)
+        return size(p) / size(FP32) * 1.001
+
+    def plan(budget: float) -> list[str]:
+        settings = PlanSettings(budget=Budget("size", budget), show_progress=False, sensitivity_samples=8)
+        p, _ = plan_for(target, digits_case.graph, DEVICE, digits_case.table, digits_case.feeds[:8], (), settings)
+        return [lp.precision for lp in p.layers if lp.op in ("Conv", "Gemm")]
+
+    assert fraction(INT8_DYNAMIC) < fraction(INT8)
+    on_npu = plan(fraction(INT8))
+    assert INT8_DYNAMIC not in on_npu and INT8 in on_npu, on_npu
+    squeezed = plan(fraction(INT8_DYNAMIC))  # below int8 everywhere: preferred, not forbidden
+    assert INT8_DYNAMIC in squeezed, squeezed
+    monkeypatch.setattr(tflite_cost.SnapdragonCost, "off_device", lambda self, layer, precision: "")
+    blind = plan(fraction(INT8))
+    assert INT8_DYNAMIC in blind, f"without off_device DMPQ stayed on the NPU anyway: {blind}"
+
+
 def test_missing_signature_is_added(digits_case):
     """A float model converted without a SignatureDef (Keras fallback path) gets one that runs the same."""
     from ai_edge_litert.interpreter import Interpreter

@@ -1,0 +1,80 @@
+"""Ranges for TFLite activations the calibration table cannot give, measured on the float .tflite.
+
+The verified tensor map carries our calibration table's ranges over to every
+TFLite tensor that equals an ONNX tensor. onnx2tf also makes tensors that no
+ONNX node computes: the pieces of a decomposed LayerNorm (MEAN, SQUARED_DIFFERENCE,
+RSQRT...), MULs it inserts, a convolution with an activation folded in. With no
+range, ai-edge-quantizer can only leave their ops float, which keeps their weights
+float and costs bytes (so does a mapped tensor whose ONNX twin the table did not
+calibrate: the table holds layer inputs and outputs, not every glue tensor). So the
+float .tflite runs on the calibration samples with every intermediate preserved,
+and a running min/max is kept per float activation: two floats per tensor, whatever
+the number of samples. These fill only tensors the table leaves without a range:
+mapped tensors keep the table's ranges (targets/tflite_assign.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from dscompile.calibration.feeds import digest_feed
+from dscompile.profiles.litert_runner import IoMap
+from dscompile.targets.tflite_flatbuffer import read_graph
+from dscompile.targets.tflite_tensor_map import PreservedRun
+
+Range = tuple[float, float]
+Feed = dict[str, np.ndarray]
+_CACHE: OrderedDict[bytes, dict[str, Range]] = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def measure_ranges(model: bytes, io: IoMap, names: Sequence[str], feeds: Iterable[Feed]) -> dict[str, Range]:
+    """Min and max of each TFLite tensor in ``names`` over ``feeds`` (ONNX-named inputs), float model run.
+
+    Tensors the interpreter does not keep, or that hold no finite value, get no range.
+    """
+    graph = read_graph(model)
+    index = {t.name: t.index for t in graph.tensors}
+    ids = [index[n] for n in names if n in index]
+    lo = np.full(len(ids), np.inf)
+    hi = np.full(len(ids), -np.inf)
+    if not ids:
+        return {}
+    run = PreservedRun(model)
+    for feed in feeds:
+        run.run({b.tflite: b.to_tflite(feed[b.onnx]) for b in io.inputs})
+        for k, i in enumerate(ids):
+            v = run.tensor(i)
+            if v is None or v.size == 0:
+                continue
+            a, b = float(v.min()), float(v.max())
+            if not (np.isfinite(a) and np.isfinite(b)):  # -inf masks: range the finite values only
+                finite = v[np.isfinite(v)]
+                if not finite.size:
+                    continue
+                a, b = float(finite.min()), float(finite.max())
+            lo[k], hi[k] = min(lo[k], a), max(hi[k], b)
+    by_id = {t.index: t.name for t in graph.tensors}
+    return {by_id[i]: (float(lo[k]), float(hi[k])) for k, i in enumerate(ids) if lo[k] <= hi[k]}
+
+
+def float_ranges(model: bytes, io: IoMap, feeds: Sequence[Feed]) -> dict[str, Range]:
+    """Min/max of every float activation of ``model`` over ``feeds``, kept per (model, samples):
+    DMPQ's repair builds and the final build reuse one run."""
+    if not feeds:
+        return {}
+    h = hashlib.sha256(model)
+    for f in feeds:
+        h.update(digest_feed(f))
+    key = h.digest()
+    if key not in _CACHE:
+        names = [t.name for t in read_graph(model).tensors if t.dtype == "float32" and not t.constant]
+        _CACHE[key] = measure_ranges(model, io, names, feeds)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
