@@ -67,11 +67,13 @@ def plan_for(
         raise InputError("planning needs calibration samples (--calib DATA)")
     g = prepared(graph)
     caps = _capabilities(target, g, device, settings.threads)
-    options = PlanOptions(settings.budget, settings.sensitivity_samples, settings.threads, settings.show_progress)
+    # distillation (``prepare``) sets the weights itself: then neither the builds nor the sensitivity use GPTQ
+    options = PlanOptions(settings.budget, settings.sensitivity_samples, settings.threads, settings.show_progress,
+                          fit_weights=prepare is None)
     plan = make_plan(g, caps, table, feeds, options, model_sha256=graph.sha256)
     if not holdout:
         return plan, None
-    evaluate = Evaluator(target, graph, table, holdout, device, settings, prepare)
+    evaluate = Evaluator(target, graph, table, holdout, device, settings, prepare, () if prepare else tuple(feeds))
     return repair(plan, evaluate, settings.min_fidelity, settings.rounds)
 
 
@@ -87,8 +89,10 @@ class Evaluator:
 
     def __init__(self, target: Target, graph: ModelGraph, table: CalibrationTable | None, holdout: Sequence[Feed],
                  device: str, settings: PlanSettings,
-                 prepare: Callable[[QuantPlan], tuple[ModelGraph, QuantPlan]] | None = None) -> None:
+                 prepare: Callable[[QuantPlan], tuple[ModelGraph, QuantPlan]] | None = None,
+                 samples: tuple[Feed, ...] = ()) -> None:
         self.target, self.graph, self.table, self.holdout = target, graph, table, list(holdout)
+        self.samples = samples  # calibration feeds the build fits weight rounding to, as the final build does
         self.prepare = prepare
         self.device, self.settings = device, settings
         self.reference = OrtRunner(graph.model, settings.threads)
@@ -97,7 +101,7 @@ class Evaluator:
     def __call__(self, plan: QuantPlan) -> Fidelity:
         stage = Path(tempfile.mkdtemp(prefix="dscompile-repair-"))
         try:
-            build = BuildOptions(self.settings.seed, self.settings.threads, self.device)
+            build = BuildOptions(self.settings.seed, self.settings.threads, self.device, samples=self.samples)
             graph = self.graph
             if self.prepare is not None:
                 graph, plan = self.prepare(plan)

@@ -82,6 +82,8 @@ class BuildOptions:
     dla: int | None = None  # DLA core on Jetson
     build_engine: bool | None = None  # None: build where the runtime exists
     benchmark_binary: Path | None = None  # TFLite benchmark_model for ADB timing
+    # calibration feeds (never held-out ones) a target may fit its weight rounding to (ort-cpu: GPTQ int4)
+    samples: tuple[dict[str, np.ndarray], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
