@@ -120,6 +120,7 @@ class Numerics:
     block_size: int = 0
     weight_symmetric: bool = True  # int4 blocks: symmetric, or with a zero point per block
     quantize_output: bool = False  # static: the layer's output is requantised too
+    rounding: str = "nearest"  # int4 MatMul weights: "nearest", or "gptq" fitted to calibration inputs (compiler/gptq.py)
 
 
 DEFAULT_NUMERICS: dict[str, Numerics] = {

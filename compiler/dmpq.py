@@ -39,6 +39,7 @@ class PlanOptions:
     sensitivity_samples: int = 16
     threads: int | None = None
     show_progress: bool = True
+    fit_weights: bool = True  # the build fits int4 weights to the calibration feeds (GPTQ), so sensitivity does too
 
 
 def make_plan(
@@ -52,7 +53,7 @@ def make_plan(
     tensors = {t for lay in layers for t in needed_tensors(lay, outputs) if t not in consts}
     ranges = table_ranges(table, tensors, caps.activations)
     sens = measure(graph.model, layers, caps, ranges, list(feeds)[: options.sensitivity_samples],
-                   options.threads, options.show_progress)
+                   options.threads, options.show_progress, fit_feeds=feeds if options.fit_weights else None)
     choices = [_choice(lay, caps, sens) for lay in layers]
     fixed_bytes, fixed_ms = fixed_cost(graph, layers, caps)
     budget = _default_capped(options.budget, layers, choices, caps)
@@ -181,7 +182,7 @@ def _weight_scheme(p: str, caps: TargetCapabilities) -> dict:
         return {"scheme": "int8_per_channel_symmetric", "bits": 8}
     if n.weight == "int4_block":
         return {"scheme": "int4_block" + ("_symmetric" if n.weight_symmetric else "_zero_point"), "bits": 4,
-                "block_size": n.block_size}
+                "block_size": n.block_size, **({"rounding": n.rounding} if n.rounding != "nearest" else {})}
     return {"scheme": n.weight}
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from dscompile.compiler import qdq
+from dscompile.compiler import gptq, qdq
 from dscompile.compiler.capabilities import Layer, Numerics
 from dscompile.compiler.layers import GraphIndex
 
@@ -32,7 +32,7 @@ GATE_MODES = ("static", "static16", "dynamic", "fp16")
 
 
 def weight_key(n: Numerics) -> str:
-    return f"w:{n.weight}:{n.block_size}:{int(n.weight_symmetric)}"
+    return f"w:{n.weight}:{n.block_size}:{int(n.weight_symmetric)}" + ("" if n.rounding == "nearest" else f":{n.rounding}")
 
 
 @dataclass
@@ -55,8 +55,9 @@ class Emulator:
         return feed
 
 
-def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics) -> np.ndarray:
-    """``w`` after the round trip through the precision's weight scheme."""
+def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics, hessian: np.ndarray | None = None) -> np.ndarray:
+    """``w`` after the round trip through the precision's weight scheme (``hessian``: the layer's input
+    X^T X, for int4 MatMul weights GPTQ-rounded as the build rounds them)."""
     if numerics.weight == "fp16":
         return w.astype(np.float16).astype(np.float32)
     if node.op_type == "Gather" and numerics.weight in ("int8_channel", "int4_block") and w.ndim == 2:
@@ -68,7 +69,10 @@ def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics) -> np.n
         kn = qdq.as_kn(node, w)
         if kn.ndim != 2:
             return w
-        back = qdq.block_int4(kn, numerics.block_size or 32, numerics.weight_symmetric).dequantize()
+        if hessian is not None and numerics.rounding == "gptq" and not numerics.weight_symmetric:
+            back = gptq.rounded(kn, hessian, numerics.block_size or 32).dequantize()
+        else:
+            back = qdq.block_int4(kn, numerics.block_size or 32, numerics.weight_symmetric).dequantize()
         # as_kn transposed a Gemm's transB weight: transpose back (a shape test misses square weights)
         transposed = node.op_type == "Gemm" and qdq._attr(node, "transB", 0)
         return np.ascontiguousarray(back.T) if transposed else back
@@ -78,8 +82,10 @@ def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics) -> np.n
 def build_emulator(
     model: onnx.ModelProto, layers: list[Layer], cases: dict[str, list[Numerics]],
     ranges: dict[str, tuple[float, float]], symmetric: bool, dynamic_batch: bool = True,
+    hessians: dict[str, np.ndarray] | None = None,
 ) -> Emulator:
-    """``cases[layer]``: the numerics of the precisions to measure; ``ranges``: static [lo, hi] per tensor."""
+    """``cases[layer]``: the numerics of the precisions to measure; ``ranges``: static [lo, hi] per tensor;
+    ``hessians``: input tensor -> X^T X for the weights a precision rounds with GPTQ."""
     ed = qdq.GraphEditor(model)
     index = GraphIndex.of(ed.model)
     nodes = {n.name: n for n in ed.graph.node}
@@ -107,7 +113,7 @@ def build_emulator(
         if w is None or w not in ed.inits or anchor.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"):
             continue
         for n in {weight_key(n): n for n in numerics if n.weight != "none"}.values():
-            _weight_error(ed, emu, lay, anchor, n)
+            _weight_error(ed, emu, lay, anchor, n, (hessians or {}).get(anchor.input[0]))
     finished = ed.finish()
     if dynamic_batch:
         _free_batch_axis(finished)
@@ -122,12 +128,13 @@ def _gate_input(ed: qdq.GraphEditor, emu: Emulator, lay: Layer, key: str) -> str
     return gate
 
 
-def _weight_error(ed: qdq.GraphEditor, emu: Emulator, lay: Layer, anchor: onnx.NodeProto, n: Numerics) -> None:
+def _weight_error(ed: qdq.GraphEditor, emu: Emulator, lay: Layer, anchor: onnx.NodeProto, n: Numerics,
+                  hessian: np.ndarray | None = None) -> None:
     """y -> If(g, y + op(x, W_q - W), y) behind the anchor (before any fused activation)."""
     w = ed.weight(anchor.input[1] if anchor.op_type != "Gather" else anchor.input[0])
     if w.dtype != np.float32:
         return
-    dw = (fake_weight(w, anchor, n) - w).astype(np.float32)
+    dw = (fake_weight(w, anchor, n, hessian if anchor.op_type in ("MatMul", "Gemm") else None) - w).astype(np.float32)
     gate = _gate_input(ed, emu, lay, weight_key(n))
     d_name = ed.add_initializer(f"{lay.name}__{gate}_dW", dw)
     # the anchor now writes y_pre; the If writes the tensor everyone (graph outputs included) reads

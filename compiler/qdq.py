@@ -146,18 +146,31 @@ def block_int4(w: np.ndarray, block_size: int = 32, symmetric: bool = False) -> 
         # narrow range (codes 1..15, i.e. -7..7 around the implicit zero point 8), as distillation's grid
         scales, _ = _clip_search(blocks, lambda r: (np.where(amax > 0, amax * r / 7.0, 1.0), np.full(amax.shape, 8.0)), (1, 15))
         codes = np.clip(np.rint(blocks / scales[..., None]) + 8, 1, 15)
-        zps = None
-    else:
-        lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        return pack_block_int4(codes, scales, None, k, block_size)
+    scales, zp = int4_block_params(blocks)
+    codes = np.clip(np.rint(blocks / scales[..., None]) + zp[..., None], 0, 15)
+    return pack_block_int4(codes, scales, zp, k, block_size)
 
-        def params(r: float) -> tuple[np.ndarray, np.ndarray]:
-            s = np.where(hi > lo, (hi - lo) * r / 15.0, 1.0)
-            return s, np.clip(np.rint(-lo * r / s), 0, 15)
-        scales, zp = _clip_search(blocks, params)
-        codes = np.clip(np.rint(blocks / scales[..., None]) + zp[..., None], 0, 15)
-        zps = _pack_nibbles(zp.astype(np.uint8))
+
+def int4_block_params(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scales, zero points 0..15) of asymmetric uint4 blocks [..., size], the range of each
+    clipped where that lowers its rounding error (``CLIP_RATIOS``); the range always holds 0."""
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+
+    def params(r: float) -> tuple[np.ndarray, np.ndarray]:
+        s = np.where(hi > lo, (hi - lo) * r / 15.0, 1.0)
+        return s, np.clip(np.rint(-lo * r / s), 0, 15)
+    return _clip_search(blocks, params)
+
+
+def pack_block_int4(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int,
+                    block_size: int) -> BlockInt4:
+    """MatMulNBits packing of uint4 codes [N, blocks, block_size] (``zero_points`` [N, blocks] or None:
+    the implicit 8)."""
+    n, kb = scales.shape
     packed = _pack_nibbles(codes.astype(np.uint8).reshape(n, -1)).reshape(n, kb, block_size // 2)
-    return BlockInt4(packed, scales, zps, k, n, block_size)
+    zps = None if zero_points is None else _pack_nibbles(np.asarray(zero_points).astype(np.uint8))
+    return BlockInt4(packed, np.asarray(scales, np.float32), zps, k, n, block_size)
 
 
 def _clip_search(blocks: np.ndarray, params, qrange: tuple[int, int] = (0, 15)) -> tuple[np.ndarray, np.ndarray]:
@@ -289,10 +302,11 @@ def add_bias_dq(ed: GraphEditor, bias: str, input_scale: float, weight_scale: np
 
 def replace_matmul_nbits(
     ed: GraphEditor, node: onnx.NodeProto, weight: np.ndarray, block_size: int = 32,
-    accuracy_level: int = 0, bias: str | None = None, symmetric: bool = False,
+    accuracy_level: int = 0, bias: str | None = None, symmetric: bool = False, packed: BlockInt4 | None = None,
 ) -> onnx.NodeProto:
-    """Turn ``MatMul(A, W)`` ([K, N] weight) into ``com.microsoft.MatMulNBits`` with 4-bit blocks."""
-    qb = block_int4(weight, block_size, symmetric)
+    """Turn ``MatMul(A, W)`` ([K, N] weight) into ``com.microsoft.MatMulNBits`` with 4-bit blocks
+    (``packed``: codes already chosen, e.g. by GPTQ; round-to-nearest otherwise)."""
+    qb = packed if packed is not None else block_int4(weight, block_size, symmetric)
     base = node.input[1]
     inputs = [
         node.input[0],

@@ -152,12 +152,17 @@ def _stacked(feeds: Sequence[Feed]) -> Feed:
 def measure(
     model: onnx.ModelProto, layers: list[Layer], caps: TargetCapabilities, ranges: dict[str, tuple[float, float]],
     feeds: Sequence[Feed], threads: int | None = None, show_progress: bool = True,
+    fit_feeds: Sequence[Feed] | None = None,
 ) -> Sensitivity:
-    """Sensitivity of every layer at every precision its menu offers (fp32 counts 0)."""
+    """Sensitivity of every layer at every precision its menu offers (fp32 counts 0).
+
+    ``fit_feeds``: the calibration samples the build fits GPTQ-rounded weights to (None: the build
+    rounds to nearest, e.g. when distillation sets the weights)."""
     start = time.perf_counter()
     cases, skipped = _cases(layers, caps, ranges)
     numerics = {lay.name: [caps.numerics[p] for p in ps] for lay, ps in cases}
-    emu = build_emulator(model, layers, numerics, ranges, caps.activations.symmetric)
+    emu = build_emulator(model, layers, numerics, ranges, caps.activations.symmetric,
+                         hessians=_gptq_hessians(model, layers, numerics, fit_feeds or (), threads))
     runner = _Runner(emu, feeds, threads)
     refs = runner.run({})
     values: dict[str, dict[str, float]] = {lay.name: {FP32: 0.0} for lay in layers}
@@ -171,6 +176,17 @@ def measure(
     log.info("sensitivity: %d cases in %d runs on %d samples in %.1f s (%s, %s)", total, runs, len(feeds), seconds,
              metric_name(refs), "batched" if runner.batched else "one sample per run")
     return Sensitivity(values, metric_name(refs), len(feeds), seconds, runner.batched, skipped)
+
+
+def _gptq_hessians(model: onnx.ModelProto, layers: list[Layer], numerics: dict[str, list], feeds: Sequence[Feed],
+                   threads: int | None) -> dict[str, np.ndarray]:
+    """Input Hessians of the MatMul/Gemm layers a precision rounds with GPTQ: the sensitivity then
+    measures the int4 weights the build writes (the same samples give the build the same Hessians)."""
+    from dscompile.compiler.gptq import layer_hessians, matmul_inputs
+
+    if not feeds or not any(n.rounding == "gptq" for ns in numerics.values() for n in ns):
+        return {}
+    return layer_hessians(model, matmul_inputs(model, [lay.nodes[0] for lay in layers]), feeds, threads)
 
 
 # Cheap proxy first: layers are measured in groups of GROUP at once; only the groups

@@ -81,7 +81,7 @@ class Calibrated:
     table: CalibrationTable | None = None
     holdout: tuple[dict, ...] = ()
     source: str = ""  # the calib.json used, or a description of the data
-    samples: tuple[dict, ...] = ()  # calibration feeds for sensitivity (never the held-out ones)
+    samples: tuple[dict, ...] = ()  # calibration feeds (never the held-out ones): sensitivity's subset first, GPTQ's all
     distill_samples: tuple[dict, ...] = ()  # calibration feeds distillation learns from (and checks on)
 
 
@@ -153,7 +153,7 @@ def compile_model(model: str | Path, options: CompileOptions) -> CompileResult:
     stage = make_stage(out)
     try:
         build = replace(options.target_options, seed=options.seed, threads=options.threads, device=device, extra=options.extra,
-                        samples=calibrated.samples)
+                        samples=calibrated.samples, refit_weights=not distilled)
         artifact = target.lower(graph, plan, table, stage, build)
         fidelity, latency = _verify(ingested, target, artifact, options, calibrated.holdout, plan)
         report = build_report(
@@ -191,11 +191,26 @@ def calibrate_stage(ingested: Ingested, options: CompileOptions) -> Calibrated:
     table = calibrate(graph.model, calib_src, model_sha256=graph.sha256, data_sha256=calib_src.sha256, tensors=tensors)
     # Said after the data has been read: a bad sample stays the run's only stderr line.
     log.info(f"calibration: {calib_src.samples} samples from {path}, {held.samples} held out for verification")
-    samples = tuple(itertools.islice(batches(calib_src.feeds(), calib_src.specs, 1), options.planning.sensitivity_samples))
+    # every calibration sample up to FIT_BYTES (at least the sensitivity subset): sensitivity measures on the
+    # first --sensitivity-samples, GPTQ fits int4 weights to all of them (more tokens, a better Hessian)
+    samples = _fit_samples(batches(calib_src.feeds(), calib_src.specs, 1), options.planning.sensitivity_samples)
     want = _distill_options(options)
     distill_samples = () if want is None else tuple(
         itertools.islice(batches(calib_src.feeds(), calib_src.specs, 1), sample_count(want)))
     return Calibrated(table, tuple(batches(held.feeds(), held.specs, 1)), source.describe(), samples, distill_samples)
+
+
+FIT_SAMPLES, FIT_BYTES = 256, 64 << 20  # what GPTQ fits to, at most (one onnxruntime run per sample)
+
+
+def _fit_samples(feeds, at_least: int) -> tuple[dict, ...]:
+    out, size = [], 0
+    for feed in feeds:
+        size += sum(v.nbytes for v in feed.values())
+        if len(out) >= at_least and (size > FIT_BYTES or len(out) >= FIT_SAMPLES):
+            break
+        out.append(feed)
+    return tuple(out)
 
 
 def _distill_options(options: CompileOptions) -> DistillOptions | None:

@@ -67,7 +67,9 @@ def plan_for(
         raise InputError("planning needs calibration samples (--calib DATA)")
     g = prepared(graph)
     caps = _capabilities(target, g, device, settings.threads)
-    options = PlanOptions(settings.budget, settings.sensitivity_samples, settings.threads, settings.show_progress)
+    # distillation (``prepare``) sets the weights itself: then neither the builds nor the sensitivity use GPTQ
+    options = PlanOptions(settings.budget, settings.sensitivity_samples, settings.threads, settings.show_progress,
+                          fit_weights=prepare is None)
     plan = make_plan(g, caps, table, feeds, options, model_sha256=graph.sha256)
     if not holdout:
         return plan, None
@@ -99,7 +101,8 @@ class Evaluator:
     def __call__(self, plan: QuantPlan) -> Fidelity:
         stage = Path(tempfile.mkdtemp(prefix="dscompile-repair-"))
         try:
-            build = BuildOptions(self.settings.seed, self.settings.threads, self.device, samples=self.samples)
+            build = BuildOptions(self.settings.seed, self.settings.threads, self.device, samples=self.samples,
+                                 refit_weights=self.prepare is None)
             graph = self.graph
             if self.prepare is not None:
                 graph, plan = self.prepare(plan)

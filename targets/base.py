@@ -82,7 +82,9 @@ class BuildOptions:
     dla: int | None = None  # DLA core on Jetson
     build_engine: bool | None = None  # None: build where the runtime exists
     benchmark_binary: Path | None = None  # TFLite benchmark_model for ADB timing
-    samples: tuple[dict, ...] = ()  # calibration feeds (never held-out), for a target ranging tensors of its own
+    samples: tuple[dict[str, np.ndarray], ...] = ()  # calibration feeds (never held-out ones): ort-cpu fits GPTQ int4
+    # to them, snapdragon ranges the TFLite tensors the table cannot
+    refit_weights: bool = True  # False: the weights were distilled onto their grid, re-rounding would undo it
     extra: dict[str, Any] = field(default_factory=dict)
 
 

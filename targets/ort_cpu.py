@@ -68,6 +68,16 @@ def _non_negative(node, weights: dict) -> bool:
 
 
 
+def _int4_hessians(model, layers: list[Layer], precisions: dict[str, str], options: BuildOptions) -> dict:
+    """Input Hessians of the int4 MatMul/Gemm layers, from the build's calibration samples (none: {})."""
+    if not options.samples or not options.refit_weights or not any(precisions.get(lay.name) == INT4_WEIGHT and lay.op != "Gather" for lay in layers):
+        return {}
+    from dscompile.compiler.gptq import layer_hessians, matmul_inputs
+
+    # every MatMul's input, not only the int4 ones: the same set as the sensitivity pass, so one capture
+    return layer_hessians(model, matmul_inputs(model, [lay.nodes[0] for lay in layers]), options.samples, options.threads)
+
+
 class OrtCpuTarget:
     name = "ort-cpu"
     description = "ONNX Runtime, CPU execution provider (x86-64 / Arm64)"
@@ -114,7 +124,10 @@ class OrtCpuTarget:
         from dscompile.compiler.capabilities import DEFAULT_NUMERICS, Numerics
 
         numerics = dict(DEFAULT_NUMERICS)
-        numerics[INT4_WEIGHT] = Numerics("int4_block", "none", block_size=INT4_BLOCK, weight_symmetric=False)
+        # GPTQ needs calibration inputs: the sensitivity pass has them, and so does every build that
+        # gets BuildOptions.samples (compile --calib DATA); a build from a calib.json rounds to nearest
+        numerics[INT4_WEIGHT] = Numerics("int4_block", "none", block_size=INT4_BLOCK, weight_symmetric=False,
+                                         rounding="gptq")
         return TargetCapabilities(
             self.name, device or THIS_CPU, MENU, cost, ActivationScheme(method="minmax", symmetric=False),
             numerics, check, REASONS,
@@ -126,16 +139,22 @@ class OrtCpuTarget:
     ) -> Artifact:
         g = prepared(graph)
         model = g.model
+        notes: dict = {}
         if plan is not None:
             layers = find_layers(g)
             precisions = {lp.name: lp.precision for lp in plan.layers}
             outs = {o.name for o in model.graph.output}
             consts = {t.name for t in model.graph.initializer}
             ranges = {t: Range(*r) for t, r in plan_ranges(plan, layers, table, outs, consts).items()}
-            model = lower_qdq(g.model, layers, precisions, ranges)
+            hessians = _int4_hessians(g.model, layers, precisions, options)
+            model = lower_qdq(g.model, layers, precisions, ranges, hessians)
+            if any(precisions.get(lay.name) == INT4_WEIGHT and lay.op != "Gather" for lay in layers):
+                notes["int4_rounding"] = (f"gptq (input Hessians from {len(options.samples)} calibration samples)"
+                                          if hessians else "as distilled" if not options.refit_weights
+                                          else "nearest (no calibration samples to fit GPTQ to)")
         files = save_model(model, stage / MODEL_FILE)
         roles = {f: ("model" if f == MODEL_FILE else "other") for f in files}
-        return Artifact(self.name, options.device or THIS_CPU, stage, MODEL_FILE, describe_files(stage, roles))
+        return Artifact(self.name, options.device or THIS_CPU, stage, MODEL_FILE, describe_files(stage, roles), notes)
 
     def runner(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
         return OrtRunner(artifact.primary_path, threads)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from dscompile.compiler import qdq
+from dscompile.compiler import gptq, qdq
 from dscompile.compiler.capabilities import (
     FP16,
     FP32,
@@ -72,11 +72,13 @@ def gemm_as_matmul(node: onnx.NodeProto) -> str | None:
 
 def lower_qdq(
     model: onnx.ModelProto, layers: list[Layer], precisions: dict[str, str], ranges: dict[str, Range],
+    hessians: dict[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """The model with each layer lowered at ``precisions[layer.name]`` (missing: fp32).
 
     ``ranges`` holds the calibrated [lo, hi] of every activation tensor a static
-    int8 layer reads or writes.
+    int8 layer reads or writes; ``hessians`` (input tensor -> X^T X, ``compiler/gptq.py``) makes
+    int4 MatMul weights GPTQ-rounded where their input has one (round-to-nearest otherwise).
     """
     ed = qdq.GraphEditor(model)
     index = GraphIndex.of(ed.model)
@@ -100,7 +102,7 @@ def lower_qdq(
         elif p == INT8_DYNAMIC:
             _dynamic(ed, lay, nodes[lay.nodes[0]])
         elif p == INT4_WEIGHT:
-            _int4(ed, lay, nodes[lay.nodes[0]])
+            _int4(ed, nodes[lay.nodes[0]], (hessians or {}).get(nodes[lay.nodes[0]].input[0]))
         elif p == FP16:
             _fp16_weights(ed, lay)
         elif p not in (FP32, INT8) or (p == INT8 and lay.op == "Gather"):
@@ -178,9 +180,10 @@ def _dynamic(ed: qdq.GraphEditor, lay: Layer, node: onnx.NodeProto) -> None:
     qdq.replace_dynamic_matmul(ed, node, w, bias)
 
 
-def _int4(ed: qdq.GraphEditor, lay: Layer, node: onnx.NodeProto) -> None:
+def _int4(ed: qdq.GraphEditor, node: onnx.NodeProto, hessian: np.ndarray | None) -> None:
     w, bias = _matmul_weight(ed, node)
-    qdq.replace_matmul_nbits(ed, node, w, INT4_BLOCK, INT4_ACCURACY_LEVEL, bias)
+    packed = None if hessian is None else gptq.rounded(w, hessian, INT4_BLOCK)
+    qdq.replace_matmul_nbits(ed, node, w, INT4_BLOCK, INT4_ACCURACY_LEVEL, bias, packed=packed)
 
 
 def _fp16_weights(ed: qdq.GraphEditor, lay: Layer) -> None:
