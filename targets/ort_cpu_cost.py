@@ -104,8 +104,9 @@ class OrtCpuCost:
 
     def cost(self, layer: Layer, precision: str) -> Cost:
         nbytes = weight_bytes(layer, precision, self.sizes, self._channels(layer))
-        if self.profile is not None:
-            return Cost(nbytes, self._estimate(layer, precision, nbytes), "estimated", self.source_text())
+        if self.profile is not None:  # the roofline reads the weight data only: the graph's structure is not streamed per run
+            data = _data_bytes(layer, precision, self.sizes, self._channels(layer), 32) if layer.weights else 0
+            return Cost(nbytes, self._estimate(layer, precision, data), "estimated", self.source_text())
         lat = self.measured().get(precision, {}).get(layer.name)
         if lat is None:
             lat = self.measured().get(FP32, {}).get(layer.name, 0.0)

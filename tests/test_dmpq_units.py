@@ -118,7 +118,10 @@ def test_another_cpu_gets_a_roofline_estimate_from_its_profile(tmp_path):
     assert fp32.kind == "estimated" and "cpu.toml" in fp32.source
     assert fp32.latency_ms == pytest.approx(2 * conv.macs / 0.1e12 * 1e3, rel=1e-3)  # compute-bound
     assert int8.latency_ms == pytest.approx(fp32.latency_ms / 4, rel=1e-2)
-    assert fp32.bytes == 216 * 4 + 8 * 4 and int8.bytes == 216 + 8 * 4 + 8 * 4  # weights (+ scales) + fp32 bias
+    from dscompile.targets.ort_cpu_cost import LOWERED_STRUCTURE_BYTES
+
+    # weights (+ scales) + fp32 bias, and the lowered layer's extra protobuf structure (in the file, not streamed)
+    assert fp32.bytes == 216 * 4 + 8 * 4 and int8.bytes == 216 + 8 * 4 + 8 * 4 + LOWERED_STRUCTURE_BYTES
 
 
 def test_the_cost_models_timing_build_folds_relu_into_the_integer_conv(digits, tmp_path):
