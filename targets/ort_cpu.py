@@ -68,9 +68,13 @@ def _non_negative(node, weights: dict) -> bool:
 
 
 
-def _int4_hessians(model, layers: list[Layer], precisions: dict[str, str], options: BuildOptions) -> dict:
-    """Input Hessians of the int4 MatMul/Gemm layers, from the build's calibration samples (none: {})."""
-    if not options.samples or not options.refit_weights or not any(precisions.get(lay.name) == INT4_WEIGHT and lay.op != "Gather" for lay in layers):
+def _int4_matmuls(layers: list[Layer], precisions: dict[str, str]) -> bool:
+    return any(precisions.get(lay.name) == INT4_WEIGHT and lay.op != "Gather" for lay in layers)
+
+
+def _int4_hessians(model, layers: list[Layer], options: BuildOptions) -> dict:
+    """Input Hessians of the layers' MatMul/Gemm inputs, from the build's calibration samples (none: {})."""
+    if not options.samples or not options.refit_weights:
         return {}
     from dscompile.compiler.gptq import layer_hessians, matmul_inputs
 
@@ -146,9 +150,10 @@ class OrtCpuTarget:
             outs = {o.name for o in model.graph.output}
             consts = {t.name for t in model.graph.initializer}
             ranges = {t: Range(*r) for t, r in plan_ranges(plan, layers, table, outs, consts).items()}
-            hessians = _int4_hessians(g.model, layers, precisions, options)
+            int4 = _int4_matmuls(layers, precisions)
+            hessians = _int4_hessians(g.model, layers, options) if int4 else {}
             model = lower_qdq(g.model, layers, precisions, ranges, hessians)
-            if any(precisions.get(lay.name) == INT4_WEIGHT and lay.op != "Gather" for lay in layers):
+            if int4:
                 notes["int4_rounding"] = (f"gptq (input Hessians from {len(options.samples)} calibration samples)"
                                           if hessians else "as distilled" if not options.refit_weights
                                           else "nearest (no calibration samples to fit GPTQ to)")
