@@ -17,11 +17,8 @@ loaded with ``allow_pickle=False``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
-import os
 import re
-import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,6 +47,7 @@ from dscompile.calibration.images import (
     resolve,
 )
 from dscompile.errors import InputError
+from dscompile.usercode import import_callable
 
 DATA_FORMAT = "dscompile-data/1"
 _GENERATOR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -273,19 +271,7 @@ def _row_items(arrays: dict[str, np.ndarray]) -> int:
 def _generator_source(ref: str, specs: tuple[InputSpec, ...], options: DataOptions) -> DataSource:
     if not options.trust_code:
         raise InputError(f"--data {ref}: a generator runs Python code; pass --trust-code to allow it")
-    module_name, _, attr = ref.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except ImportError as exc:
-        raise InputError(f"--data {ref}: cannot import {module_name} ({exc})") from None
-    except AttributeError:
-        raise InputError(f"--data {ref}: module {module_name} has no {attr}") from None
-    except Exception as exc:  # importing user code may raise anything
-        raise InputError(f"--data {ref}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
-    if not callable(fn):
-        raise InputError(f"--data {ref}: {attr} is not callable")
+    fn = import_callable(ref, "--data")
     limit = options.max_samples
 
     def run(indices: Sequence[int] | None) -> Iterator[tuple[int, Feed]]:

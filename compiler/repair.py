@@ -19,8 +19,9 @@ from dataclasses import dataclass, replace
 from dscompile.compiler.capabilities import FP32
 from dscompile.compiler.plan import LayerPlan, QuantPlan
 from dscompile.compiler.repair_budget import Cap, fixed_costs, plan_cap, promote_within, repredict
-from dscompile.compiler.verify import Fidelity
+from dscompile.compiler.verify import Fidelity, UserMetric
 from dscompile.errors import InputError, VerificationError
+from dscompile.usercode import import_callable
 
 log = logging.getLogger("dscompile")
 METRICS = ("cosine", "top1", "auto")
@@ -29,10 +30,15 @@ DEFAULT_ROUNDS = 6
 
 @dataclass(frozen=True)
 class FidelityGoal:
-    metric: str  # cosine | top1 | auto (top1 for score outputs, cosine otherwise)
+    metric: str  # cosine | top1 | auto (top1 for score outputs, cosine otherwise) | MODULE:FUNCTION
     value: float
+    user: UserMetric | None = None  # set when ``metric`` names the user's function
 
     def measure(self, f: Fidelity) -> float:
+        if self.user is not None:
+            if f.user is None:
+                raise VerificationError(f"fidelity metric {self.metric} was not measured")
+            return f.user
         if self.metric in ("top1", "auto"):
             return f.top1_agreement if f.top1_agreement is not None else f.cosine
         return f.cosine
@@ -44,16 +50,26 @@ class FidelityGoal:
         return {self.metric: self.value}
 
 
-def parse_goal(text: str) -> FidelityGoal:
-    """``cosine=0.995``, ``top1=0.99`` or ``auto=0.99``."""
-    metric, sep, val = text.partition("=")
-    metric = metric.strip().lower().replace("top1_agreement", "top1").replace("top-1", "top1")
+def parse_goal(text: str, trust_code: bool = False) -> FidelityGoal:
+    """``cosine=0.995``, ``top1=0.99``, ``auto=0.99``, or ``MODULE:FUNCTION=V`` (the user's metric, a
+    mean over held-out samples of ``FUNCTION(reference_outputs, candidate_outputs, feed)``; higher is
+    better; importing it runs code, so it needs ``trust_code``)."""
+    metric, sep, val = text.rpartition("=")
     try:
         value = float(val)
     except ValueError:
         value = float("nan")
+    if ":" in metric:
+        if not sep or not math.isfinite(value):
+            raise InputError(f"--min-fidelity {text!r}: expected MODULE:FUNCTION=<floor>")
+        if not trust_code:
+            raise InputError(f"--min-fidelity {text!r}: a user metric runs Python code; pass --trust-code to allow it")
+        ref = metric.strip()
+        return FidelityGoal(ref, value, UserMetric(ref, import_callable(ref, "--min-fidelity")))
+    metric = metric.strip().lower().replace("top1_agreement", "top1").replace("top-1", "top1")
     if not sep or metric not in METRICS or not (0 < value <= 1):
-        raise InputError(f"--min-fidelity {text!r}: expected cosine=<0..1>, top1=<0..1> or auto=<0..1>")
+        raise InputError(f"--min-fidelity {text!r}: expected cosine=<0..1>, top1=<0..1>, auto=<0..1> "
+                         "or MODULE:FUNCTION=<floor> (with --trust-code)")
     return FidelityGoal(metric, value)
 
 
@@ -178,7 +194,8 @@ def _within(cap: Cap | None) -> str:
 
 def _fid_text(f: Fidelity) -> str:
     top1 = f", top-1 {f.top1_agreement:.4f}" if f.top1_agreement is not None else ""
-    return f"cosine {f.cosine:.5f}{top1} on {f.samples} held-out samples"
+    user = f", {f.user_metric} {f.user:.5f}" if f.user is not None else ""
+    return f"cosine {f.cosine:.5f}{top1}{user} on {f.samples} held-out samples"
 
 
 def _round(i: int, fid: Fidelity, goal: FidelityGoal | None, promoted: list, demoted: list | None = None,

@@ -101,8 +101,10 @@ def plan_options(f: Callable) -> Callable:
                   help="kl=<summed sensitivity> (default kl=0.01: least cost within it), size=<fraction of FP32 "
                        "bytes> or latency=<fraction of FP32 latency> (least sensitivity within it).")
     @click.option("--min-fidelity", metavar="METRIC=VALUE",
-                  help="Repair until held-out fidelity reaches it: cosine=0.995, top1=0.99, or auto=0.99 (the "
-                       "default: top-1 agreement for score outputs, cosine otherwise).")
+                  help="Repair until held-out fidelity reaches it: cosine=0.995, top1=0.99, auto=0.99 (the "
+                       "default: top-1 agreement for score outputs, cosine otherwise), or MODULE:FUNCTION=V, your "
+                       "own metric (with --trust-code): FUNCTION(reference_outputs, outputs, feed) -> score, "
+                       "averaged over the held-out samples.")
     @click.option("--repair-rounds", type=click.IntRange(min=0), default=6, show_default=True,
                   help="Most repair rounds before giving up.")
     @click.option("--sensitivity-samples", type=click.IntRange(min=1), default=16, show_default=True,
@@ -112,7 +114,8 @@ def plan_options(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(*args: Any, budget: str | None, min_fidelity: str | None, repair_rounds: int,
                 sensitivity_samples: int, plots: Path | None, **kwargs: Any) -> Any:
-        settings = PlanSettings(min_fidelity=parse_goal(min_fidelity or "auto=0.99"), rounds=repair_rounds,
+        trust = bool(click.get_current_context().params.get("trust_code"))
+        settings = PlanSettings(min_fidelity=parse_goal(min_fidelity or "auto=0.99", trust), rounds=repair_rounds,
                                 sensitivity_samples=sensitivity_samples)
         if budget:
             settings = PlanSettings(parse_budget(budget), settings.min_fidelity, repair_rounds, sensitivity_samples)

@@ -284,13 +284,13 @@ def _verify(ingested: Ingested, target, artifact: Artifact, options: CompileOpti
     del runner
     reference = OrtRunner(graph.model, options.threads)
     replay = iter(got)
-    fidelity = compare(reference.run, lambda _: next(replay), feeds, where)
+    goal = options.planning.min_fidelity
+    fidelity = compare(reference.run, lambda _: next(replay), feeds, where, goal.user if goal and plan else None)
     floor = options.min_cosine if options.min_cosine is not None else (0.999 if plan is None else None)
     if floor is not None and fidelity.cosine < floor:
         raise VerificationError(
             f"the {target.name} artifact disagrees with its FP32 source: cosine {fidelity.cosine:.5f} < {floor}"
         )
-    goal = options.planning.min_fidelity
     if plan is not None and goal is not None and not goal.met(fidelity):
         raise VerificationError(
             f"the {target.name} artifact misses --min-fidelity {goal.metric}={goal.value}: {goal.measure(fidelity):.5f} "

@@ -111,7 +111,8 @@ class Evaluator:
             if runner is None:
                 raise InputError(f"target {self.target.name} has no runtime here to repair the plan with")
             outs = iter(self._ref_out)
-            return compare(lambda f: next(outs), runner.run, self.holdout, runner.where())
+            goal = self.settings.min_fidelity
+            return compare(lambda f: next(outs), runner.run, self.holdout, runner.where(), goal.user if goal else None)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 

@@ -198,3 +198,57 @@ def test_variable_length_inputs_plan_and_verify(cli, gru, tmp_path):
     assert report["inputs"][0]["shape"][1] == "ids_dim1"
     assert report["plan"]["predicted"]["sensitivity"]["batched"] is False  # lengths differ: one sample per run
     assert report["fidelity"]["top1_agreement"] >= 0.99 and report["rounds"][-1]["met"]
+
+
+# ---- the user's own fidelity metric (--min-fidelity MODULE:FUNCTION=V, --trust-code)
+
+_METRICS = '''
+import numpy as np
+
+def prob_overlap(reference, outputs, feed):
+    """1 - total variation distance of the softmaxed scores: 1.0 only when they agree exactly."""
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    assert set(feed) == {"x"} and feed["x"].ndim == 4
+    return float(1 - 0.5 * np.abs(softmax(reference[0]) - softmax(outputs[0])).sum(-1).mean())
+
+def half(reference, outputs, feed):
+    return 0.5
+'''
+
+
+def test_user_metric_drives_the_repair_loop(cli, work, digits, tmp_path):
+    (tmp_path / "mymetrics.py").write_text(_METRICS)
+    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "kl=1", "--trust-code",
+            "--min-fidelity", "mymetrics:prob_overlap=0.9999995", "-o", tmp_path / "p.json", "--json", "-q",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rounds = json.loads(r.stdout)["rounds"]
+    assert rounds[0]["goal"] == {"mymetrics:prob_overlap": 0.9999995}
+    users = [rd["fidelity"]["user"] for rd in rounds]
+    assert all(u["metric"] == "mymetrics:prob_overlap" for u in users)
+    assert not rounds[0]["met"] and users[0]["value"] < 0.9999995  # the floor is the user's, not cosine's
+    assert rounds[-1]["met"] and users[-1]["value"] >= 0.9999995
+
+
+def test_user_metric_that_cannot_be_met_fails_with_its_value(cli, work, digits, tmp_path):
+    (tmp_path / "mymetrics.py").write_text(_METRICS)
+    r = cli("compile", "--target", "ort-cpu", digits.onnx, "--calib", work / "digits.npy", "--trust-code",
+            "--min-fidelity", "mymetrics:half=0.9", "--repair-rounds", "1", "-o", tmp_path / "m.onnx", "-q",
+            cwd=tmp_path)
+    _one_error(r, "mymetrics:half=0.9: reached 0.50000")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ((), "a user metric runs Python code; pass --trust-code"),
+    (("--trust-code",), "cannot import nosuchmodule"),
+])
+def test_user_metric_needs_trust_and_a_module(cli, work, digits, tmp_path, extra, message):
+    goal = "mymetrics:half=0.9" if not extra else "nosuchmodule:f=0.9"
+    (tmp_path / "mymetrics.py").write_text(_METRICS)
+    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--min-fidelity", goal, *extra,
+            "-o", tmp_path / "p.json", cwd=tmp_path)
+    _one_error(r, message)
+    assert not (tmp_path / "p.json").exists()
