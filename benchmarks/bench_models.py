@@ -305,7 +305,9 @@ def real_models(cache: Path) -> list[BenchModel]:
                    lambda n, s: [{"x": _chw(im, (0.5,) * 3, (0.5,) * 3)} for im in text_lines(n, s)]),
         BenchModel("all-MiniLM-L6-v2", "embedding", minilm, minilm_feeds,
                    # no --distill: it needs calibration samples of one shape, these sentences vary in length
-                   meta={"goal": {"budget": "size=1/6", "min_fidelity": "cosine=0.99", "distill": False}}),
+                   meta={"goals": ({"budget": "size=1/6", "min_fidelity": "cosine=0.99"},
+                                   {"budget": "size=1/6", "min_fidelity": "bench_models:pooled_cosine=0.99",
+                                    "label": "pooled cosine=0.99"})}),
     ]
 
 
@@ -326,3 +328,11 @@ def zoo_models(folder: Path) -> list[BenchModel]:
 
         out.append(BenchModel(f"zoo {z.name}", "classifier", z.onnx, feeds))
     return out
+
+
+def pooled_cosine(reference: list[np.ndarray], outputs: list[np.ndarray], feed: Feed) -> float:
+    """The sentence encoder's task output (the mean-pooled embedding): the cosine of FP32's and the
+    artifact's, as dmpq_vs_peers.fidelity scores it; a --min-fidelity user metric (dscompile repair)."""
+    m = feed["attention_mask"][..., None].astype(np.float64)
+    a, b = ((x.astype(np.float64) * m).sum(1) / m.sum(1) for x in (reference[0], outputs[0]))
+    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
