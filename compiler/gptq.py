@@ -19,12 +19,15 @@ Deterministic: float64 throughout, no sampling.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 
 from dscompile.compiler import qdq
+
+log = logging.getLogger("dscompile")
 
 Feed = dict[str, np.ndarray]
 # Of the mean Hessian diagonal. The paper's 0.01 assumes far more tokens than a few calibration sentences
@@ -49,11 +52,25 @@ def capture_hessians(model: onnx.ModelProto, tensors: Sequence[str], feeds: Sequ
     sess = ort_session(with_outputs(prefix(model, names), names), threads, optimize=False)
     inputs = {i.name for i in sess.get_inputs()}
     out: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
     for feed in feeds:
         for name, x in zip(names, sess.run(names, {k: v for k, v in feed.items() if k in inputs}), strict=True):
             x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
             out[name] = out.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+    _warn_if_thin(rows, {k: h.shape[0] for k, h in out.items()}, len(feeds))
     return out
+
+
+def _warn_if_thin(rows: dict[str, int], widths: dict[str, int], samples: int) -> None:
+    """Fewer rows than inputs leave X^T X rank-deficient: GPTQ then fits the few rows seen, not the
+    layer (all-MiniLM-L6-v2 at 1/6 size: output cosine 0.988 from 16 sentences, 0.991 from 144)."""
+    thin = [k for k in rows if rows[k] < widths[k]]
+    if thin:
+        worst = min(thin, key=lambda k: rows[k] / widths[k])
+        log.warning(f"gptq: {len(thin)} of {len(rows)} MatMul/Gemm inputs GPTQ fits int4 weights to saw fewer rows than their width over "
+                    f"{samples} samples (e.g. {worst}: {rows[worst]} rows, width {widths[worst]}); int4 rounding "
+                    "fits those few rows; calibrate on more samples")
 
 
 # The plan's sensitivity pass and every build of the repair loop ask for the same Hessians and the same

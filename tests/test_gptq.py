@@ -111,3 +111,18 @@ def test_hessians_from_samples_of_different_lengths_sum_every_token():
     h = gptq.capture_hessians(model, ["x"], feeds)["x"]
     xs = np.concatenate([f["x"][0] for f in feeds]).astype(np.float64)
     assert np.allclose(h, xs.T @ xs)
+
+
+def test_too_few_rows_for_a_hessian_say_so(encoder, caplog):
+    g, _, _, _, calib, _, tensors = encoder
+    width = max(gptq.capture_hessians(g.model, tensors, calib[:1])[t].shape[0] for t in tensors)
+    rows_per_sample = calib[0]["ids"].size  # one row per token
+    few = calib[: max(1, (width - 1) // rows_per_sample)]
+    with caplog.at_level("WARNING", logger="dscompile"):
+        gptq.capture_hessians(g.model, tensors, few)
+    assert any("saw fewer rows than their width" in r.message and "calibrate on more samples" in r.message
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dscompile"):
+        gptq.capture_hessians(g.model, tensors, calib)
+    assert not any("fewer rows" in r.message for r in caplog.records), [r.message for r in caplog.records]
