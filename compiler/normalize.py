@@ -100,8 +100,11 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+_BIASED = ("Conv", "ConvTranspose", "Gemm")  # input 2: a bias the integer lowerings read as an initializer
+
+
 def weights_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant nodes holding float tensors of rank >= 2 become initializers of the same name.
+    """Constant nodes holding float tensors of rank >= 2, or a Conv/Gemm bias, become initializers of the same name.
 
     Exporters such as paddle2onnx put weights in Constant nodes (PP-OCRv4's recogniser: every
     MatMul and its CTC head); layers read weights from initializers (compiler/layers.py), so
@@ -110,10 +113,12 @@ def weights_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     g = model.graph
     outputs = {o.name for o in g.output}
+    biases = {n.input[2] for n in g.node if n.op_type in _BIASED and len(n.input) > 2}
     keep, moved = [], []
     for n in g.node:
         t = n.attribute[0].t if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value" else None
-        if t is not None and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2 and n.output[0] not in outputs:
+        weight = t is not None and (len(t.dims) >= 2 or n.output[0] in biases)
+        if weight and t.data_type == onnx.TensorProto.FLOAT and n.output[0] not in outputs:
             w = onnx.TensorProto()
             w.CopyFrom(t)
             w.name = n.output[0]
