@@ -28,41 +28,53 @@ def add_abs(x: np.ndarray, counts: np.ndarray, inv_width: float) -> None:
 _CHUNK = 4096  # values per block: the block's bin indices stay in L1 between the two passes
 _MAG = 0x7FFFFFFF  # float32 bits without the sign
 _INF_BITS = 0x7F800000  # float32 bits of +inf: magnitudes at or past it are Inf or NaN
+_I32 = np.int32
+
+
+def scratch(bins: int, size: int) -> np.ndarray:
+    """The block buffer of bin indices :func:`update_abs` needs for ``bins`` bins and ``size`` values:
+    unsigned (the scatter then has no negative-index test), 16-bit while the bins and the overflow
+    slot fit (half the L1 footprint)."""
+    return np.empty(max(1, min(_CHUNK, size)), np.uint16 if bins < 0xFFFF else np.uint32)
 
 
 @njit(cache=True, nogil=True)
-def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: float) -> tuple[float, float, int, int]:
+def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: float,
+               idx: np.ndarray) -> tuple[float, float, int, int]:
     """One pass over the flat float32 ``x`` (``bits``: the same memory viewed as int32): its min and max (finite values), and counts of |v| binned
     at ``inv_width``. Values past the last bin are not counted but returned as ``overflow`` (the
     caller grows the histogram and bins them with :func:`add_overflow`); NaN/Inf are skipped and
-    counted in ``nonfinite``.
+    counted in ``nonfinite``. ``idx``: a :func:`scratch` buffer for ``len(counts)`` bins.
 
     Block by block, a branch-free loop that the compiler vectorises computes every value's bin
     and min/max on order-preserving integer keys of the float bits, then a scalar loop scatters
     the bins; a block holding NaN/Inf is redone by :func:`_update_slow`. Same counts, min and max
-    as the plain loop; measured 10-20% faster on YOLOv8n's activations (~1.8 ns per value on the
-    project VM): the scattered increments, which stay scalar, are most of what remains.
+    as the plain loop. Every integer step of the first loop is cast back to int32 (numba widens
+    int32 arithmetic to int64, which left AVX2 four 64-bit lanes, with compare-and-blend for
+    min/max), and the bin indices are unsigned (no wraparound test in the scatter): on YOLOv8n's
+    activations 1.43-1.55 -> 0.78-0.90 ns per value (AMD EPYC VM, AVX2), the first loop about
+    as fast as numpy summing the same memory.
     """
-    n = np.int32(counts.shape[0])
+    n = _I32(counts.shape[0])
     nf = np.float32(n)
     inv = np.float32(inv_width)
-    tally = np.zeros(n + 1, np.int64)  # the last slot gathers overflow
-    idx = np.empty(min(_CHUNK, x.shape[0]), np.int32)
-    kmin, kmax = np.int32(_MAG), np.int32(-_MAG - 1)
+    over = idx.dtype.type(n)  # the overflow slot
+    tally = np.zeros(n + 1, np.int64)
+    kmin, kmax = _I32(_MAG), _I32(-_MAG - 1)
     lo, hi = np.float32(np.inf), np.float32(-np.inf)  # of blocks that went the slow way
     nonfinite = 0
     for s in range(0, x.shape[0], _CHUNK):
         e = min(s + _CHUNK, x.shape[0])
-        bmin, bmax, bad = np.int32(_MAG), np.int32(-_MAG - 1), np.int32(0)
+        bmin, bmax, bad = _I32(_MAG), _I32(-_MAG - 1), _I32(0)
         for k in range(np.uint64(e - s)):  # unsigned indices: no wraparound test, so it vectorises
             i = np.uint64(s) + k
             b = bits[i]
-            key = b ^ ((b >> np.int32(31)) & np.int32(_MAG))  # ascends with the float value
+            key = _I32(b ^ _I32(_I32(b >> _I32(31)) & _I32(_MAG)))  # ascends with the float value
             bmin = min(bmin, key)
             bmax = max(bmax, key)
-            bad += np.int32(1) if (b & np.int32(_MAG)) >= np.int32(_INF_BITS) else np.int32(0)
+            bad = _I32(bad + (_I32(1) if _I32(b & _I32(_MAG)) >= _I32(_INF_BITS) else _I32(0)))
             t = abs(x[i]) * inv
-            idx[k] = np.int32(t) if t < nf else n
+            idx[k] = idx.dtype.type(t) if t < nf else over
         if bad == 0:
             kmin, kmax = min(kmin, bmin), max(kmax, bmax)
             for k in range(e - s):
