@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 
 @njit(cache=True, nogil=True)
@@ -29,6 +31,22 @@ _CHUNK = 4096  # values per block: the block's bin indices stay in L1 between th
 _MAG = 0x7FFFFFFF  # float32 bits without the sign
 _INF_BITS = 0x7F800000  # float32 bits of +inf: magnitudes at or past it are Inf or NaN
 _I32 = np.int32
+_LINE = 16  # float32 values per 64-byte cache line
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Ask the CPU to start loading ``arr[i]``'s cache line (``llvm.prefetch``: read, keep in all levels); no effect on results."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
 
 
 def scratch(bins: int, size: int) -> np.ndarray:
@@ -51,9 +69,12 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
     the bins; a block holding NaN/Inf is redone by :func:`_update_slow`. Same counts, min and max
     as the plain loop. Every integer step of the first loop is cast back to int32 (numba widens
     int32 arithmetic to int64, which left AVX2 four 64-bit lanes, with compare-and-blend for
-    min/max), and the bin indices are unsigned (no wraparound test in the scatter): on YOLOv8n's
-    activations 1.43-1.55 -> 0.78-0.90 ns per value (AMD EPYC VM, AVX2), the first loop about
-    as fast as numpy summing the same memory.
+    min/max), and the bin indices are unsigned (no wraparound test in the scatter); the first
+    loop then runs about as fast as numpy sums the same memory. The scatter (about one increment
+    per cycle; 2 or 4 interleaved tallies measured slower) prefetches the next block, so its
+    memory arrives meanwhile. CPU time per value on real activations (AMD EPYC VM, AVX2, load
+    ~7), before -> int32 + unsigned -> prefetch: YOLOv8n 1.44-1.54 -> 0.97-1.08 -> 0.78-0.81 ns,
+    PP-OCRv4 rec 1.40-1.50 -> 0.87-0.97 -> 0.74-0.75 ns.
     """
     n = _I32(counts.shape[0])
     nf = np.float32(n)
@@ -63,8 +84,9 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
     kmin, kmax = _I32(_MAG), _I32(-_MAG - 1)
     lo, hi = np.float32(np.inf), np.float32(-np.inf)  # of blocks that went the slow way
     nonfinite = 0
-    for s in range(0, x.shape[0], _CHUNK):
-        e = min(s + _CHUNK, x.shape[0])
+    size = x.shape[0]
+    for s in range(0, size, _CHUNK):
+        e = min(s + _CHUNK, size)
         bmin, bmax, bad = _I32(_MAG), _I32(-_MAG - 1), _I32(0)
         for k in range(np.uint64(e - s)):  # unsigned indices: no wraparound test, so it vectorises
             i = np.uint64(s) + k
@@ -77,8 +99,17 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
             idx[k] = idx.dtype.type(t) if t < nf else over
         if bad == 0:
             kmin, kmax = min(kmin, bmin), max(kmax, bmax)
-            for k in range(e - s):
-                tally[idx[k]] += 1
+            if e < size:  # fetch the next block while the scatter, bound by the core, runs
+                end = min(e + _CHUNK, size)
+                for k in range(e - s):
+                    tally[idx[k]] += 1
+                    if k % _LINE == 0:
+                        ahead = e + k
+                        if ahead < end:
+                            _prefetch(x, ahead)
+            else:
+                for k in range(e - s):
+                    tally[idx[k]] += 1
         else:  # NaN/Inf in the block: value by value, skipping them
             lo, hi = _update_slow(x[s:e], tally, inv, lo, hi)
             nonfinite += bad
