@@ -113,13 +113,15 @@ def test_update_kernel_is_the_plain_binning_block_by_block():
     rng = np.random.default_rng(4)
     x = (rng.standard_normal(3 * 4096 + 77) * 3).astype(np.float32)
     x[5000:5003] = [np.nan, np.inf, -np.inf]
+    x[9000] = -np.float32(np.nan)  # a negative NaN: sign bit set
+    assert x.view(np.int32)[9000] < 0
     counts = np.zeros(300, np.int64)
     inv = np.float32(300 / 5.0)  # values past 5.0 overflow
     lo, hi, overflow, nonfinite = update_abs(x, x.view(np.int32), counts, float(inv), scratch(300, x.size))
     finite = x[np.isfinite(x)]
     j = (np.abs(finite) * inv).astype(np.int64)  # float32 product, as the kernel computes it
     assert (counts == np.bincount(j[j < 300], minlength=300)).all()
-    assert (overflow, nonfinite) == (int((j >= 300).sum()), 3)
+    assert (overflow, nonfinite) == (int((j >= 300).sum()), 4)
     assert (lo, hi) == (float(finite.min()), float(finite.max()))
 
 
