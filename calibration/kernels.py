@@ -97,7 +97,7 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
             bmin = min(bmin, key)
             bmax = max(bmax, key)
             t = abs(x[i]) * inv
-            idx[k] = idx.dtype.type(min(t, nf))  # nf: the overflow slot
+            idx[k] = idx.dtype.type(t if t < nf else nf)  # nf: the overflow slot, also for NaN (0 * inf)
         if bmax < _I32(_INF_BITS) and bmin > _I32(_NEG_INF_KEY):  # every key between -inf's and +inf's: all finite
             kmin, kmax = min(kmin, bmin), max(kmax, bmax)
             if e < size:  # fetch the next block while the scatter, bound by the core, runs

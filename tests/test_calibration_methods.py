@@ -152,6 +152,9 @@ def test_update_kernel_matches_numpy_on_edge_values(bins):
     assert (counts == np.bincount(j[j < bins], minlength=bins)).all()
     assert (overflow, nonfinite) == (int((j >= bins).sum()), 0)
     assert (lo, hi) == (float(x.min()), float(x.max()))
+    c = np.zeros(8, np.int64)  # a width so small that 1 / width is inf in float32: 0 * inf is NaN, counted as overflow
+    tiny = np.array([0.0, 1e-40, -0.0], np.float32)
+    assert update_abs(tiny, tiny.view(np.int32), c, 1e48, scratch(8, 3))[2:] == (3, 0) and c.sum() == 0
     for block in (parts[-2], parts[-1], np.zeros(10, np.float32), -np.zeros(10, np.float32)):
         c = np.zeros(bins, np.int64)
         got = update_abs(block, block.view(np.int32), c, float(inv), scratch(bins, block.size))
