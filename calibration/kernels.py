@@ -70,9 +70,9 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
     and min/max on order-preserving integer keys of the float bits (NaN and Inf have the keys
     beyond +-inf's, so the block's min and max keys also tell whether it holds any), then a
     scalar loop scatters the bins; a block holding NaN/Inf is redone by :func:`_update_slow`.
-    Same counts, min and max as the plain loop. Every integer step of the first loop is cast back to int32 (numba widens
-    int32 arithmetic to int64, which left AVX2 four 64-bit lanes, with compare-and-blend for
-    min/max), and the bin indices are unsigned (no wraparound test in the scatter); the first
+    Same counts, min and max as the plain loop. Every integer step of the first loop is cast back
+    to int32 (numba widens int32 arithmetic to int64, which left AVX2 four 64-bit lanes, with
+    compare-and-blend for min/max), and the bin indices are unsigned (no wraparound test in the scatter); the first
     loop then runs about as fast as numpy sums the same memory. The scatter (about one increment
     per cycle; 2 or 4 interleaved tallies measured slower) prefetches the next block, so its
     memory arrives meanwhile. CPU time per value on real activations (AMD EPYC VM, AVX2, load
@@ -83,7 +83,7 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
     n = _I32(counts.shape[0])
     nf = np.float32(n)
     inv = np.float32(inv_width)
-    tally = np.zeros(n + 1, np.int64)
+    tally = np.zeros(n + 1, np.int64)  # the last slot gathers overflow
     kmin, kmax = _I32(_MAG), _I32(-_MAG - 1)
     lo, hi = np.float32(np.inf), np.float32(-np.inf)  # of blocks that went the slow way
     nonfinite = 0
