@@ -154,7 +154,7 @@ def child(tool: str, model_path: Path, data: Path, count: int) -> dict:
 
         warm = np.zeros(4, np.float32)  # load the compiled kernels
         kernels.add_abs(warm, np.zeros(8, np.int64), 1.0)
-        kernels.update_abs(warm, warm.view(np.int32), np.zeros(8, np.int64), 1.0)
+        kernels.update_abs(warm, warm.view(np.int32), np.zeros(8, np.int64), 1.0, kernels.scratch(8, 4))
         kernels.add_overflow(warm, np.zeros(8, np.int64), 1.0, 8, 1.0)
         kernels.kl_all(np.ones(256), 128, 128)
         kernels.mse_errors(np.ones(4), np.ones(4), np.ones(2))

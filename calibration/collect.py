@@ -303,11 +303,14 @@ class _Splitter:
 
 def _table(stats: dict[str, StreamingHistogram], methods: Sequence[str], percentile: float, num_bins: int,
            model_sha256: str, data_sha256: str, rows: int) -> CalibrationTable:
-    tensors = {}
-    for name, s in stats.items():
+    def one(s: StreamingHistogram) -> TensorRange:
         h = s.finish()
         amax = {m: compute(h, m, percentile) for m in methods}
-        tensors[name] = TensorRange(h.min, h.max, h.absmax, amax, h.to_json())
+        return TensorRange(h.min, h.max, h.absmax, amax, h.to_json())
+
+    # the searches run in compiled code that releases the GIL: tensors side by side, results in name order
+    with ThreadPoolExecutor(max(1, min(_cores(), len(stats))), thread_name_prefix="calib-table") as pool:
+        tensors = dict(zip(stats, pool.map(one, stats.values()), strict=True))
     return CalibrationTable(model_sha256, data_sha256, rows, tensors, {"settings": settings(methods, percentile, num_bins)})
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dscompile.calibration.kernels import add_abs, add_overflow, update_abs
+from dscompile.calibration.kernels import add_abs, add_overflow, scratch, update_abs
 
 DEFAULT_BINS = 2048
 
@@ -81,7 +81,8 @@ class StreamingHistogram:
             self._first(flat)
             return
         n, inv = len(self.counts), 1.0 / self.width
-        lo, hi, overflow, nonfinite = update_abs(flat, flat.view(np.int32), self.counts, inv)  # the steady state: one pass
+        idx = scratch(n, flat.size)
+        lo, hi, overflow, nonfinite = update_abs(flat, flat.view(np.int32), self.counts, inv, idx)  # the steady state: one pass
         self._account(flat.size - nonfinite, nonfinite, lo, hi)
         if overflow:  # larger values than the range holds: grow (exactly), then bin just those
             self._grow(max(abs(lo), abs(hi)))

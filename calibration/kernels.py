@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 
 @njit(cache=True, nogil=True)
@@ -28,48 +30,91 @@ def add_abs(x: np.ndarray, counts: np.ndarray, inv_width: float) -> None:
 _CHUNK = 4096  # values per block: the block's bin indices stay in L1 between the two passes
 _MAG = 0x7FFFFFFF  # float32 bits without the sign
 _INF_BITS = 0x7F800000  # float32 bits of +inf: magnitudes at or past it are Inf or NaN
+_I32 = np.int32
+_NEG_INF_KEY = -0x7F800001  # the key (below) of -inf: keys at or below it are -inf or a negative NaN
+_LINE = 16  # float32 values per 64-byte cache line
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Ask the CPU to start loading ``arr[i]``'s cache line (``llvm.prefetch``: read, keep in all levels); no effect on results."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        name = "llvm.prefetch.p0" if str(i8p) == "ptr" else "llvm.prefetch.p0i8"  # opaque (LLVM 15+) or typed pointers
+        fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+def scratch(bins: int, size: int) -> np.ndarray:
+    """The block buffer of bin indices :func:`update_abs` needs for ``bins`` bins and ``size`` values:
+    unsigned (the scatter then has no negative-index test), 16-bit while the bins and the overflow
+    slot fit (half the L1 footprint)."""
+    return np.empty(max(1, min(_CHUNK, size)), np.uint16 if bins < 0xFFFF else np.uint32)
 
 
 @njit(cache=True, nogil=True)
-def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: float) -> tuple[float, float, int, int]:
+def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: float,
+               idx: np.ndarray) -> tuple[float, float, int, int]:
     """One pass over the flat float32 ``x`` (``bits``: the same memory viewed as int32): its min and max (finite values), and counts of |v| binned
     at ``inv_width``. Values past the last bin are not counted but returned as ``overflow`` (the
     caller grows the histogram and bins them with :func:`add_overflow`); NaN/Inf are skipped and
-    counted in ``nonfinite``.
+    counted in ``nonfinite``. ``idx``: a :func:`scratch` buffer for ``len(counts)`` bins.
 
     Block by block, a branch-free loop that the compiler vectorises computes every value's bin
-    and min/max on order-preserving integer keys of the float bits, then a scalar loop scatters
-    the bins; a block holding NaN/Inf is redone by :func:`_update_slow`. Same counts, min and max
-    as the plain loop; measured 10-20% faster on YOLOv8n's activations (~1.8 ns per value on the
-    project VM): the scattered increments, which stay scalar, are most of what remains.
+    and min/max on order-preserving integer keys of the float bits (NaN and Inf have the keys
+    beyond +-inf's, so the block's min and max keys also tell whether it holds any), then a
+    scalar loop scatters the bins; a block holding NaN/Inf is redone by :func:`_update_slow`.
+    Same counts, min and max as the plain loop. Every integer step of the first loop is cast back
+    to int32 (numba widens int32 arithmetic to int64, which left AVX2 four 64-bit lanes, with
+    compare-and-blend for min/max), and the bin indices are unsigned (no wraparound test in the scatter); the first
+    loop then runs about as fast as numpy sums the same memory. The scatter (about one increment
+    per cycle; 2 or 4 interleaved tallies measured slower) prefetches the next block, so its
+    memory arrives meanwhile. CPU time per value on real activations (AMD EPYC VM, AVX2, load
+    ~7), before -> int32 + unsigned -> prefetch -> NaN/Inf test from the keys and the overflow
+    slot by a float min: YOLOv8n 1.44-1.54 -> 0.97-1.08 -> 0.78-0.81 -> 0.69-0.75 ns, PP-OCRv4
+    rec 1.40-1.50 -> 0.87-0.97 -> 0.71-0.78 -> 0.64-0.67 ns.
     """
-    n = np.int32(counts.shape[0])
+    n = _I32(counts.shape[0])
     nf = np.float32(n)
     inv = np.float32(inv_width)
     tally = np.zeros(n + 1, np.int64)  # the last slot gathers overflow
-    idx = np.empty(min(_CHUNK, x.shape[0]), np.int32)
-    kmin, kmax = np.int32(_MAG), np.int32(-_MAG - 1)
+    kmin, kmax = _I32(_MAG), _I32(-_MAG - 1)
     lo, hi = np.float32(np.inf), np.float32(-np.inf)  # of blocks that went the slow way
     nonfinite = 0
-    for s in range(0, x.shape[0], _CHUNK):
-        e = min(s + _CHUNK, x.shape[0])
-        bmin, bmax, bad = np.int32(_MAG), np.int32(-_MAG - 1), np.int32(0)
+    size = x.shape[0]
+    for s in range(0, size, _CHUNK):
+        e = min(s + _CHUNK, size)
+        bmin, bmax = _I32(_MAG), _I32(-_MAG - 1)
         for k in range(np.uint64(e - s)):  # unsigned indices: no wraparound test, so it vectorises
             i = np.uint64(s) + k
             b = bits[i]
-            key = b ^ ((b >> np.int32(31)) & np.int32(_MAG))  # ascends with the float value
+            key = _I32(b ^ _I32(_I32(b >> _I32(31)) & _I32(_MAG)))  # ascends with the float value
             bmin = min(bmin, key)
             bmax = max(bmax, key)
-            bad += np.int32(1) if (b & np.int32(_MAG)) >= np.int32(_INF_BITS) else np.int32(0)
             t = abs(x[i]) * inv
-            idx[k] = np.int32(t) if t < nf else n
-        if bad == 0:
+            idx[k] = idx.dtype.type(t if t < nf else nf)  # nf: the overflow slot, also for NaN (0 * inf)
+        if bmax < _I32(_INF_BITS) and bmin > _I32(_NEG_INF_KEY):  # every key between -inf's and +inf's: all finite
             kmin, kmax = min(kmin, bmin), max(kmax, bmax)
-            for k in range(e - s):
-                tally[idx[k]] += 1
+            if e < size:  # fetch the next block while the scatter, bound by the core, runs
+                end = min(e + _CHUNK, size)
+                for k in range(e - s):
+                    tally[idx[k]] += 1
+                    if k % _LINE == 0:
+                        ahead = e + k
+                        if ahead < end:
+                            _prefetch(x, ahead)
+            else:
+                for k in range(e - s):
+                    tally[idx[k]] += 1
         else:  # NaN/Inf in the block: value by value, skipping them
-            lo, hi = _update_slow(x[s:e], tally, inv, lo, hi)
-            nonfinite += bad
+            lo, hi, finite = _update_slow(x[s:e], tally, inv, lo, hi)
+            nonfinite += e - s - finite
     for j in range(n):
         counts[j] += tally[j]
     if kmin <= kmax:  # back from keys to floats; -0.0 and 0.0 compare equal, report 0.0
@@ -80,21 +125,24 @@ def update_abs(x: np.ndarray, bits: np.ndarray, counts: np.ndarray, inv_width: f
 
 @njit(cache=True, nogil=True)
 def _update_slow(x: np.ndarray, tally: np.ndarray, inv: np.float32, lo: np.float32,
-                 hi: np.float32) -> tuple[np.float32, np.float32]:
-    """The plain loop of :func:`update_abs` for a block holding NaN/Inf (``tally`` has the overflow slot)."""
+                 hi: np.float32) -> tuple[np.float32, np.float32, int]:
+    """The plain loop of :func:`update_abs` for a block holding NaN/Inf (``tally`` has the overflow slot);
+    returns min, max and the number of finite values."""
     n = np.int32(tally.shape[0] - 1)
     nf = np.float32(n)
     big = np.float32(np.inf)
+    finite = 0
     for i in range(x.shape[0]):
         v = x[i]
         a = abs(v)
         if not a < big:
             continue
+        finite += 1
         lo = min(lo, v)
         hi = max(hi, v)
         t = a * inv
         tally[np.int32(t) if t < nf else n] += 1
-    return lo, hi
+    return lo, hi, finite
 
 
 @njit(cache=True, nogil=True)

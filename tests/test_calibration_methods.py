@@ -108,19 +108,58 @@ def test_histogram_memory_is_bounded_whatever_the_range():
 
 def test_update_kernel_is_the_plain_binning_block_by_block():
     """The vectorised kernel against numpy, over several blocks, one of them holding NaN/Inf."""
-    from dscompile.calibration.kernels import update_abs
+    from dscompile.calibration.kernels import scratch, update_abs
 
     rng = np.random.default_rng(4)
     x = (rng.standard_normal(3 * 4096 + 77) * 3).astype(np.float32)
     x[5000:5003] = [np.nan, np.inf, -np.inf]
+    x[9000] = -np.float32(np.nan)  # a negative NaN: sign bit set
+    assert x.view(np.int32)[9000] < 0
     counts = np.zeros(300, np.int64)
     inv = np.float32(300 / 5.0)  # values past 5.0 overflow
-    lo, hi, overflow, nonfinite = update_abs(x, x.view(np.int32), counts, float(inv))
+    lo, hi, overflow, nonfinite = update_abs(x, x.view(np.int32), counts, float(inv), scratch(300, x.size))
     finite = x[np.isfinite(x)]
     j = (np.abs(finite) * inv).astype(np.int64)  # float32 product, as the kernel computes it
     assert (counts == np.bincount(j[j < 300], minlength=300)).all()
-    assert (overflow, nonfinite) == (int((j >= 300).sum()), 3)
+    assert (overflow, nonfinite) == (int((j >= 300).sum()), 4)
     assert (lo, hi) == (float(finite.min()), float(finite.max()))
+
+
+@pytest.mark.parametrize("bins", [2048, 4096, 70_000])  # 16-bit bin indices, and 32-bit past 65,534 bins
+def test_update_kernel_matches_numpy_on_edge_values(bins):
+    """Counts, overflow, min and max against a plain numpy reference: bin edges, the last bin, values
+    past it (also past any integer bin index), signed zeros, subnormals, one-signed blocks."""
+    from dscompile.calibration.kernels import scratch, update_abs
+
+    rng = np.random.default_rng(bins)
+    inv = np.float32(bins / 8.0)
+    edges = (np.arange(0, bins + 3, 7, dtype=np.float32) / inv).astype(np.float32)
+    parts = [
+        rng.standard_normal(5 * 4096).astype(np.float32) * 3,
+        edges, -edges, np.nextafter(edges, np.float32(0)), np.nextafter(edges, np.float32(np.inf)),
+        np.array([0.0, -0.0, 1e-45, -1e-45, 8.0, -8.0, 7.9999995, 1e30, -3e38], np.float32),
+        np.abs(rng.standard_normal(4096).astype(np.float32)),  # a block with no negative value
+        -np.abs(rng.standard_normal(4096).astype(np.float32)),  # and one with no positive value
+    ]
+    x = np.concatenate(parts)
+    idx = scratch(bins, x.size)
+    assert idx.dtype == (np.uint16 if bins < 65535 else np.uint32)
+    counts = np.zeros(bins, np.int64)
+    lo, hi, overflow, nonfinite = update_abs(x, x.view(np.int32), counts, float(inv), idx)
+    with np.errstate(over="ignore"):
+        t = np.abs(x) * inv  # float32, as the kernel computes it (-3e38 * inv is inf)
+    j = np.where(t < np.float32(bins), t, bins).astype(np.int64)
+    assert (counts == np.bincount(j[j < bins], minlength=bins)).all()
+    assert (overflow, nonfinite) == (int((j >= bins).sum()), 0)
+    assert (lo, hi) == (float(x.min()), float(x.max()))
+    c = np.zeros(8, np.int64)  # a width so small that 1 / width is inf in float32: 0 * inf is NaN, counted as overflow
+    tiny = np.array([0.0, 1e-40, -0.0], np.float32)
+    assert update_abs(tiny, tiny.view(np.int32), c, 1e48, scratch(8, 3))[2:] == (3, 0) and c.sum() == 0
+    for block in (parts[-2], parts[-1], np.zeros(10, np.float32), -np.zeros(10, np.float32)):
+        c = np.zeros(bins, np.int64)
+        got = update_abs(block, block.view(np.int32), c, float(inv), scratch(bins, block.size))
+        assert got[:2] == (float(block.min()) + 0.0, float(block.max()) + 0.0)  # -0.0 reported as 0.0
+        assert c.sum() == block.size
 
 
 def test_runs_are_cut_to_the_activation_budget():
