@@ -121,6 +121,7 @@ class Numerics:
     weight_symmetric: bool = True  # int4 blocks: symmetric, or with a zero point per block
     quantize_output: bool = False  # static: the layer's output is requantised too
     rounding: str = "nearest"  # int4 MatMul weights: "nearest", or "gptq" fitted to calibration inputs (compiler/gptq.py)
+    weight_bits: int = 8  # int8_channel codes: 7 where the runtime's int8 kernels need reduce_range (targets/ort_cpu_isa.py)
 
 
 DEFAULT_NUMERICS: dict[str, Numerics] = {

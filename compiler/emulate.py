@@ -64,7 +64,7 @@ def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics, hessian
         bits = 4 if numerics.weight == "int4_block" else 8
         return qdq.gather_block_dequantized(w, bits, numerics.block_size or 32)
     if numerics.weight == "int8_channel":
-        return qdq.symmetric_per_channel(w, qdq.channel_axis(node, w.ndim)).dequantize()
+        return qdq.symmetric_per_channel(w, qdq.channel_axis(node, w.ndim), numerics.weight_bits).dequantize()
     if numerics.weight == "int4_block":
         kn = qdq.as_kn(node, w)
         if kn.ndim != 2:

@@ -270,7 +270,7 @@ def add_activation_qdq(
 
 def add_weight_dq(ed: GraphEditor, weight: str, axis: int, bits: int = 8) -> tuple[str, QuantizedWeight]:
     """Replace a float weight by int8 per-channel codes + DequantizeLinear(axis); shared weights once."""
-    key = ("w8", weight, axis)
+    key = ("w8", weight, axis, bits)
     if key not in ed.cache:
         qw = symmetric_per_channel(ed.weight(weight), axis, bits)
         q = ed.add_initializer(f"{weight}_quantized", qw.q)
@@ -344,15 +344,17 @@ def add_weight_dq_int4_block(ed: GraphEditor, weight: str, block_size: int, axis
 
 def replace_dynamic_matmul(
     ed: GraphEditor, node: onnx.NodeProto, weight: np.ndarray, bias: str | None = None, per_channel: bool = True,
+    bits: int = 8,
 ) -> onnx.NodeProto:
     """Turn ``MatMul(A, W)`` into ``com.microsoft.DynamicQuantizeMatMul``: A quantised to uint8 at
-    run time (per tensor), W int8 symmetric (per output column when ``per_channel``)."""
+    run time (per tensor), W int8 symmetric (per output column when ``per_channel``) on ``bits``-bit codes."""
     if per_channel:
-        qw = symmetric_per_channel(weight, axis=-1)
+        qw = symmetric_per_channel(weight, axis=-1, bits=bits)
     else:
+        qmax = 2 ** (bits - 1) - 1
         amax = float(np.abs(weight).max()) or 1.0
-        scale = np.float32(amax / 127)
-        qw = QuantizedWeight(np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), np.array([scale]), None)
+        scale = np.float32(amax / qmax)
+        qw = QuantizedWeight(np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8), np.array([scale]), None)
     base = node.input[1]
     inputs = [
         node.input[0],

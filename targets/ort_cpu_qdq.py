@@ -72,13 +72,14 @@ def gemm_as_matmul(node: onnx.NodeProto) -> str | None:
 
 def lower_qdq(
     model: onnx.ModelProto, layers: list[Layer], precisions: dict[str, str], ranges: dict[str, Range],
-    hessians: dict[str, np.ndarray] | None = None,
+    hessians: dict[str, np.ndarray] | None = None, weight_bits: int = 8,
 ) -> onnx.ModelProto:
     """The model with each layer lowered at ``precisions[layer.name]`` (missing: fp32).
 
     ``ranges`` holds the calibrated [lo, hi] of every activation tensor a static
     int8 layer reads or writes; ``hessians`` (input tensor -> X^T X, ``compiler/gptq.py``) makes
     int4 MatMul weights GPTQ-rounded where their input has one (round-to-nearest otherwise).
+    ``weight_bits``: the codes of int8 weights, 7 where the CPU needs reduce_range (targets/ort_cpu_isa.py).
     """
     ed = qdq.GraphEditor(model)
     index = GraphIndex.of(ed.model)
@@ -89,7 +90,7 @@ def lower_qdq(
         qdq.add_activation_qdq(ed, tensor, scale, zp, "uint8")
     for lay in static:
         if lay.weights and lay.op != ACT_MATMUL:
-            _static_weights(ed, lay, nodes[lay.nodes[0]], params)
+            _static_weights(ed, lay, nodes[lay.nodes[0]], params, weight_bits)
     for lay in static:  # after the weights: removing nodes rebuilds the node list (``nodes`` goes stale)
         for name in lay.nodes:
             if nodes[name].op_type == "HardSwish":
@@ -100,7 +101,7 @@ def lower_qdq(
             node = nodes[lay.nodes[0]]
             qdq.replace_gather_block_quantized(ed, node, ed.weight(node.input[0]), 4 if p == INT4_WEIGHT else 8, EMBED_BLOCK)
         elif p == INT8_DYNAMIC:
-            _dynamic(ed, lay, nodes[lay.nodes[0]])
+            _dynamic(ed, lay, nodes[lay.nodes[0]], weight_bits)
         elif p == INT4_WEIGHT:
             _int4(ed, nodes[lay.nodes[0]], (hessians or {}).get(nodes[lay.nodes[0]].input[0]))
         elif p == FP16:
@@ -133,11 +134,12 @@ def _static_params(model: onnx.ModelProto, index: GraphIndex, static: list[Layer
     return params
 
 
-def _static_weights(ed: qdq.GraphEditor, lay: Layer, node: onnx.NodeProto, params: dict[str, tuple]) -> None:
+def _static_weights(ed: qdq.GraphEditor, lay: Layer, node: onnx.NodeProto, params: dict[str, tuple],
+                    bits: int = 8) -> None:
     weight = node.input[1]
     w = ed.weight(weight)
     axis = qdq.channel_axis(node, w.ndim)
-    dq, qw = qdq.add_weight_dq(ed, weight, axis % w.ndim)
+    dq, qw = qdq.add_weight_dq(ed, weight, axis % w.ndim, bits)
     ed.rewire(weight, dq, [node])
     if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2] in ed.inits:
         bias = node.input[2]
@@ -175,9 +177,9 @@ def _matmul_weight(ed: qdq.GraphEditor, node: onnx.NodeProto) -> tuple[np.ndarra
     return w, None
 
 
-def _dynamic(ed: qdq.GraphEditor, lay: Layer, node: onnx.NodeProto) -> None:
+def _dynamic(ed: qdq.GraphEditor, lay: Layer, node: onnx.NodeProto, bits: int = 8) -> None:
     w, bias = _matmul_weight(ed, node)
-    qdq.replace_dynamic_matmul(ed, node, w, bias)
+    qdq.replace_dynamic_matmul(ed, node, w, bias, bits=bits)
 
 
 def _int4(ed: qdq.GraphEditor, node: onnx.NodeProto, hessian: np.ndarray | None) -> None:
