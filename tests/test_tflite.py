@@ -324,6 +324,31 @@ def test_transformer_precisions(target, transformer_case, tmp_path, precision):
     assert all(f["precision"] in ("int64", "bool") for f in art.notes["hexagon"]["fallbacks"])  # only index math
 
 
+def gather_tables(model: bytes) -> list[str]:
+    """Element type of the constant table of every GATHER op of a .tflite."""
+    from dscompile.targets.tflite_flatbuffer import read_graph
+
+    g = read_graph(model)
+    return [g.tensors[op.inputs[0]].dtype for op in g.ops if op.name == "GATHER" and g.tensors[op.inputs[0]].constant]
+
+
+@pytest.mark.parametrize("precision, table", [(INT8, "int8"), (INT16X8, "int16")])
+def test_transformer_embedding_table_quantized(target, transformer_case, tmp_path, precision, table):
+    """The token-embedding Gather is on the menu: its table is stored at the activation width (TFLite's
+    static GATHER, as ai-edge-quantizer lowers it), LiteRT runs it, DMPQ's bytes count it."""
+    caps = target.capabilities(prepared(transformer_case.graph), DEVICE)
+    embed = next(lay for lay in find_layers(prepared(transformer_case.graph)) if lay.op == "Gather")
+    assert precision in caps.layer_menu(embed)
+    width = 1 if precision == INT8 else 2  # the table per tensor (+ one scale, zero point and the op's tables)
+    assert embed.params * width < caps.cost_model.cost(embed, precision).bytes < embed.params * width + 300
+    plan = uniform_plan(target, transformer_case, precision)
+    assert next(lp.precision for lp in plan.layers if lp.op == "Gather") == precision
+    art, runner = build(target, transformer_case, plan, transformer_case.table, tmp_path)
+    assert gather_tables(art.primary_path.read_bytes()) == [table]
+    acc, agree = transformer_case.score(runner)
+    assert acc >= transformer_case.fp32_acc - 0.03 and agree >= 0.95, (acc, agree)
+
+
 def test_transformer_mixed(target, transformer_case, tmp_path):
     plan = mixed(uniform_plan(target, transformer_case, INT8), {"Gemm": INT16X8, "Mul": INT16X8})
     art, runner = build(target, transformer_case, plan, transformer_case.table, tmp_path)
