@@ -205,6 +205,8 @@ def apply_floors(graph: TflGraph, ranges: dict[str, Range], floors: Mapping[str,
             data = [j for j in op.inputs if j >= 0 and not t[j].constant and t[j].dtype == "float32"] if op else []
             single = op is not None and op.name in RANGE_PRESERVING and op.name not in ("CONCATENATION", "PACK")
             i = data[0] if single and data else None
+            if i is not None and len(consumers.get(i, [])) != 1:
+                return  # another op reads the values before this one: they keep their range
 
     for name, floor in floors.items():
         cut(index.get(name), floor)
