@@ -250,14 +250,20 @@ def test_size_budget_prefers_npu_precisions(target, digits_case, monkeypatch):
             return fixed + sum(caps.cost_model.cost(lay, q if q in caps.layer_menu(lay) else FP32).bytes for lay in layers)
         return size(p) / size(FP32) * 1.001
 
+    plans = []
+
     def plan(budget: float) -> list[str]:
         settings = PlanSettings(budget=Budget("size", budget), show_progress=False, sensitivity_samples=8)
         p, _ = plan_for(target, digits_case.graph, DEVICE, digits_case.table, digits_case.feeds[:8], (), settings)
+        plans.append(p)
         return [lp.precision for lp in p.layers if lp.op in ("Conv", "Gemm")]
 
     assert fraction(INT8_DYNAMIC) < fraction(INT8)
     on_npu = plan(fraction(INT8))
     assert INT8_DYNAMIC not in on_npu and INT8 in on_npu, on_npu
+    # the plan records which options leave the NPU, so the repair loop's re-allocation avoids them too
+    assert all(lp.cost[INT8_DYNAMIC].get("off_device") and not lp.cost[INT8].get("off_device")
+               for lp in plans[0].layers if INT8_DYNAMIC in lp.cost)
     squeezed = plan(fraction(INT8_DYNAMIC))  # below int8 everywhere: preferred, not forbidden
     assert INT8_DYNAMIC in squeezed, squeezed
     monkeypatch.setattr(tflite_cost.SnapdragonCost, "off_device", lambda self, layer, precision: "")
