@@ -278,12 +278,27 @@ def assign_ops(
         precision[op.index] = p
     norm = normalization_ops(graph, tmap, model)
     _glue(graph, layer_of, precision, ranges, skip=norm)
+    kept.extend(_no_int16_broadcast_add(graph, layer_of, precision))
     kept.extend(_float_glue(graph, layer_of, precision, ranges))
     used = {n for op in graph.ops if precision[op.index] in STATIC for n in _float_acts(graph, op)}
     symmetric = {i: precision[i] == INT16X8 or symmetric_layers.get(layer_of[i], False) for i in precision}
     cut = {n: (uncut[n], ranges[n]) for n in sorted(used) if ranges[n] != uncut[n]}
     return OpAssignment(precision, layer_of, {n: ranges[n] for n in used}, symmetric, kept,
                         tuple(sorted(used & derived)), cut)
+
+
+def _no_int16_broadcast_add(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str]) -> list[dict[str, object]]:
+    """int16x8 ADDs whose operands broadcast stay float: LiteRT 2.3's int16 ADD kernel aborts the
+    process on them (all-MiniLM-L6-v2: the attention mask [1,1,1,64] added to [1,12,64,64] scores,
+    the LayerNorm epsilon; SIGABRT in EvalAddQuantized, seen with gdb), so no plan may build one."""
+    t, out = graph.tensors, []
+    for op in graph.ops:
+        shapes = {t[i].shape for i in op.inputs if i >= 0}
+        if op.name == "ADD" and precision[op.index] == INT16X8 and len(shapes) > 1:
+            precision[op.index] = FP32
+            out.append({"op": op.name, "index": op.index, "layer": layer_of[op.index], "wanted": INT16X8,
+                        "why": "LiteRT's int16 ADD aborts on broadcasting operands"})
+    return out
 
 
 def _float_glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str],

@@ -109,3 +109,29 @@ def test_int8_attention_with_padding_mask(masked, tmp_path):
     assert cut and all(v["range"][0] < -9000 < -30 < v["cut_to"][0] for v in cut.values()), cut
     assert art.notes["tflite"]["op_precisions"].get("int8", 0) > 10
     assert pooled_cosine(graph, target.runner(art), test) > 0.98
+
+
+def test_int16x8_attention_with_padding_mask_runs(masked, tmp_path):
+    """int16x8 everywhere: LiteRT's int16 ADD aborts the process on broadcasting operands (the mask
+    added to the scores), so those ADDs stay float and the model runs and holds."""
+    from dataclasses import replace
+
+    from dscompile.compiler.capabilities import INT8, INT16X8
+
+    graph, table, calib, test = masked
+    target = get_target("snapdragon")
+    base = target.default_plan(graph, table)
+    plan = replace(base, layers=tuple(replace(lp, precision=INT16X8) if lp.precision == INT8 else lp for lp in base.layers))
+    art = target.lower(graph, plan, table, tmp_path, BuildOptions(device=DEVICE, samples=tuple(calib)))
+    kept = [k for k in art.notes["tflite"]["kept_float_no_range"] if k.get("why", "").startswith("LiteRT's int16 ADD")]
+    assert kept and all(k["op"] == "ADD" for k in kept)
+    assert art.notes["tflite"]["op_precisions"].get("int16x8", 0) > 10
+    import subprocess
+    import sys
+
+    # in a child process: on a failure the old build took the test runner down with SIGABRT
+    code = ("import numpy as np, sys\nfrom ai_edge_litert.interpreter import Interpreter\n"
+            "r = Interpreter(model_path=sys.argv[1]).get_signature_runner()\n"
+            "r(**{k: np.zeros(v['shape'], v['dtype']) for k, v in r.get_input_details().items()})\n")
+    assert subprocess.run([sys.executable, "-c", code, str(art.primary_path)], capture_output=True).returncode == 0
+    assert pooled_cosine(graph, target.runner(art), test) > 0.98
