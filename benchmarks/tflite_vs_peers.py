@@ -122,10 +122,10 @@ def _memo_sensitivity() -> None:
         return
     measure_once, seen = dmpq.measure, {}
 
-    def memo(model, layers, caps, ranges, feeds, *rest):
+    def memo(model, layers, caps, ranges, feeds, *rest, **kw):
         key = (model.SerializeToString(deterministic=True).__hash__(), tuple(lay.name for lay in layers), len(feeds))
         if key not in seen:
-            seen[key] = measure_once(model, layers, caps, ranges, feeds, *rest)
+            seen[key] = measure_once(model, layers, caps, ranges, feeds, *rest, **kw)
         return seen[key]
 
     memo.memo = True

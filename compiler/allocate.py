@@ -137,3 +137,16 @@ def _infeasible(choices, budget, fixed_bytes, fixed_ms, fp32_bytes, fp32_ms) -> 
     what = "non-layer tensors" if fixed > 0.5 * least else "layers"
     return (f"budget {budget.kind}={budget.value:g} cannot be met: the smallest reachable is "
             f"{least / total if total else 0:.4f} of FP32 ({what} bind; largest at their cheapest: {names})")
+
+
+OFF_DEVICE_MARGIN = 1e-6  # a layer off the accelerator outweighs every sensitivity difference by this
+
+
+def penalise_leaving(choices: list[Choice], leaving: list[set[str]]) -> list[Choice]:
+    """``choices`` with each option in ``leaving`` (per choice: precisions that leave the accelerator)
+    charged more sensitivity than any two allocations differ by (compiler/dmpq.py ``prefer_on_device``)."""
+    if not any(leaving):
+        return choices
+    span = sum(max(o[0] for o in c.options.values()) for c in choices) + OFF_DEVICE_MARGIN
+    return [Choice(c.layer, {p: (o[0] + span if p in leave else o[0], o[1], o[2]) for p, o in c.options.items()})
+            for c, leave in zip(choices, leaving, strict=True)]

@@ -122,6 +122,10 @@ class Numerics:
     quantize_output: bool = False  # static: the layer's output is requantised too
     rounding: str = "nearest"  # int4 MatMul weights: "nearest", or "gptq" fitted to calibration inputs (compiler/gptq.py)
     weight_bits: int = 8  # int8_channel codes: 7 where the runtime's int8 kernels need reduce_range (targets/ort_cpu_isa.py)
+    # Gather tables (embeddings) under an int weight scheme: "block" (row blocks, as onnxruntime's
+    # GatherBlockQuantized) or "tensor" (one scale for the whole table at the activation width:
+    # int8 with a zero point for "static", symmetric int16 for "static16", as TFLite's GATHER)
+    gather_table: str = "block"
 
 
 DEFAULT_NUMERICS: dict[str, Numerics] = {

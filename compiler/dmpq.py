@@ -19,7 +19,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dscompile.calibration.table import CalibrationTable
-from dscompile.compiler.allocate import Allocation, Budget, Choice, allocate, totals
+from dscompile.compiler.allocate import (
+    Allocation,
+    Budget,
+    Choice,
+    allocate,
+    penalise_leaving,
+    totals,
+)
 from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import find_layers
@@ -30,7 +37,6 @@ from dscompile.compiler.sensitivity import Sensitivity, measure
 log = logging.getLogger("dscompile")
 Feed = dict[str, np.ndarray]
 DEFAULT_BUDGET = Budget("kl", 0.01)
-_OFF_DEVICE_MARGIN = 1e-6  # a layer off the accelerator outweighs every sensitivity difference by this
 
 
 @dataclass(frozen=True)
@@ -86,11 +92,7 @@ def prefer_on_device(choices: list[Choice], layers: list[Layer], caps: TargetCap
     if budget.kind == "kl" or not callable(off):
         return choices
     leaving = [{p for p in c.options if off(lay, p)} for lay, c in zip(layers, choices, strict=True)]
-    if not any(leaving):
-        return choices
-    span = sum(max(o[0] for o in c.options.values()) for c in choices) + _OFF_DEVICE_MARGIN
-    return [Choice(c.layer, {p: (o[0] + span if p in leave else o[0], o[1], o[2]) for p, o in c.options.items()})
-            for c, leave in zip(choices, leaving, strict=True)]
+    return penalise_leaving(choices, leaving)
 
 
 def _default_capped(budget: Budget, layers: list[Layer], choices: list[Choice], caps: TargetCapabilities) -> Budget:
@@ -156,6 +158,11 @@ def _layer_plan(lay: Layer, caps: TargetCapabilities, sens: Sensitivity, ranges:
     p = alloc.precisions.get(lay.name, FP32)
     menu = caps.layer_menu(lay)
     costs = {q: caps.cost_model.cost(lay, q).to_json() for q in menu}
+    off = getattr(caps.cost_model, "off_device", None)
+    for q in menu if callable(off) else ():
+        why = off(lay, q)
+        if why:  # kept in the plan: the repair loop's re-allocation avoids these too (compiler/repair_budget.py)
+            costs[q]["off_device"] = why
     activations = {}
     if any(q in STATIC_PRECISIONS for q in menu):
         tens = [t for t in needed_tensors(lay, outputs) if t not in consts and t in ranges]

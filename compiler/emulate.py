@@ -31,8 +31,11 @@ from dscompile.compiler.layers import GraphIndex
 GATE_MODES = ("static", "static16", "dynamic", "fp16")
 
 
-def weight_key(n: Numerics) -> str:
-    return f"w:{n.weight}:{n.block_size}:{int(n.weight_symmetric)}" + ("" if n.rounding == "nearest" else f":{n.rounding}")
+def weight_key(n: Numerics, op: str = "") -> str:
+    key = f"w:{n.weight}:{n.block_size}:{int(n.weight_symmetric)}" + ("" if n.rounding == "nearest" else f":{n.rounding}")
+    if op == "Gather" and n.gather_table == "tensor":  # the table's width follows the activations
+        key += f":table:{n.activation}"
+    return key
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Emulator:
     def case_feed(self, layer: Layer, numerics: Numerics) -> dict[str, np.ndarray]:
         """Entries that override ``base_feed`` to lower ``layer`` alone."""
         feed: dict[str, np.ndarray] = {}
-        for key in (numerics.activation, weight_key(numerics)):
+        for key in (numerics.activation, weight_key(numerics, layer.op)):
             gate = self.gates.get((layer.name, key))
             if gate:
                 feed[gate] = np.array(True)
@@ -60,6 +63,12 @@ def fake_weight(w: np.ndarray, node: onnx.NodeProto, numerics: Numerics, hessian
     X^T X, for int4 MatMul weights GPTQ-rounded as the build rounds them)."""
     if numerics.weight == "fp16":
         return w.astype(np.float16).astype(np.float32)
+    if node.op_type == "Gather" and numerics.gather_table == "tensor" and numerics.activation in ("static", "static16"):
+        if numerics.activation == "static16":  # TFLite GATHER: the table at the activation width
+            amax = float(np.abs(w).max()) or 1.0  # int16: symmetric
+            return (np.clip(np.rint(w / (amax / 32767)), -32767, 32767) * (amax / 32767)).astype(np.float32)
+        scale, zp = qdq.affine_params(float(w.min()), float(w.max()), "int8")
+        return qdq.fake_quantize(w, scale, zp, "int8")
     if node.op_type == "Gather" and numerics.weight in ("int8_channel", "int4_block") and w.ndim == 2:
         bits = 4 if numerics.weight == "int4_block" else 8
         return qdq.gather_block_dequantized(w, bits, numerics.block_size or 32)
@@ -112,7 +121,7 @@ def build_emulator(
         w = lay.weights[0] if lay.weights else None
         if w is None or w not in ed.inits or anchor.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"):
             continue
-        for n in {weight_key(n): n for n in numerics if n.weight != "none"}.values():
+        for n in {weight_key(n, anchor.op_type): n for n in numerics if n.weight != "none"}.values():
             _weight_error(ed, emu, lay, anchor, n, (hessians or {}).get(anchor.input[0]))
     finished = ed.finish()
     if dynamic_batch:
@@ -135,7 +144,7 @@ def _weight_error(ed: qdq.GraphEditor, emu: Emulator, lay: Layer, anchor: onnx.N
     if w.dtype != np.float32:
         return
     dw = (fake_weight(w, anchor, n, hessian if anchor.op_type in ("MatMul", "Gemm") else None) - w).astype(np.float32)
-    gate = _gate_input(ed, emu, lay, weight_key(n))
+    gate = _gate_input(ed, emu, lay, weight_key(n, anchor.op_type))
     d_name = ed.add_initializer(f"{lay.name}__{gate}_dW", dw)
     # the anchor now writes y_pre; the If writes the tensor everyone (graph outputs included) reads
     out = anchor.output[0]

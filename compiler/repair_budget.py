@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from dscompile.compiler.allocate import Budget, Choice, allocate
+from dscompile.compiler.allocate import Budget, Choice, allocate, penalise_leaving
 from dscompile.compiler.capabilities import FP32
 from dscompile.compiler.plan import LayerPlan, QuantPlan
 
@@ -68,7 +68,9 @@ def plan_choices(plan: QuantPlan) -> list[Choice]:
             menu.append(lp.precision)
         out.append(Choice(lp.name, {p: (float(lp.sensitivity.get(p, 0.0)), _cost(lp, p, "bytes"),
                                         _cost(lp, p, "latency_ms")) for p in menu}))
-    return out
+    # options the plan recorded as leaving the accelerator rank below every staying one, as in DMPQ
+    return penalise_leaving(out, [{p for p in c.options if lp.cost.get(p, {}).get("off_device")}
+                                  for c, lp in zip(out, plan.layers, strict=True)])
 
 
 def _least(choices: list[Choice], pins: dict[str, str], col: int, fixed: float) -> float:

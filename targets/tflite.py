@@ -12,6 +12,7 @@ without it and ``available()`` says how to install it.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 from dscompile.calibration.table import CalibrationTable
@@ -49,6 +50,12 @@ MENU = PrecisionMenu(
         "Conv": _WEIGHTED, "ConvTranspose": _WEIGHTED,
         "Gemm": (*_WEIGHTED, INT4_WEIGHT), "MatMul": (*_WEIGHTED, INT4_WEIGHT),
         ACT_MATMUL: _STATIC,
+        # An embedding lookup from a constant table becomes GATHER, which ai-edge-quantizer quantizes
+        # only statically (its GATHER is in static_wi8_ai8/ai16, not in the weight-only configs, which
+        # take EMBEDDING_LOOKUP): the table is one per-tensor tensor at the activation width (int8 with
+        # a zero point, or symmetric int16) and the output shares its scale. No fp16 (float_casting
+        # has no GATHER).
+        "Gather": _STATIC,
         **{op: _STATIC for op in ("Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool",
                                   "Resize", "Sigmoid")},
     },
@@ -103,6 +110,8 @@ class SnapdragonTarget:
         profile = snapdragon_profile(device or DEFAULT_DEVICE)
         numerics = dict(DEFAULT_NUMERICS)
         numerics[INT4_WEIGHT] = Numerics("int4_block", "none", block_size=INT4_CHANNEL_BLOCK, weight_symmetric=True)
+        for p in (INT8, INT16X8):  # GATHER tables: one per-tensor scale (see MENU)
+            numerics[p] = replace(numerics[p], gather_table="tensor")
         return TargetCapabilities(
             self.name, profile.id, MENU,
             SnapdragonCost(profile, channels=weight_channels(graph.model), structure=structure_bytes(graph.model)), ActivationScheme(method="minmax", symmetric=False),

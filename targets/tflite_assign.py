@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from dscompile.compiler.capabilities import FP32, INT8, INT16X8
@@ -48,6 +49,7 @@ class OpAssignment:
     symmetric: dict[int, bool]  # op index -> symmetric activations
     kept_float: list[dict[str, object]] = field(default_factory=list)  # static wanted, no range
     measured: tuple[str, ...] = ()  # quantized tensors whose range was measured on the float .tflite
+    floored: dict[str, tuple[Range, Range]] = field(default_factory=dict)  # tensor -> (range, cut range) at a SOFTMAX floor
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -112,6 +114,41 @@ def _by_input(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_lay
             taken.add(out[op.index])
 
 
+NORMALIZATIONS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization")
+_MAX_NORM_OPS = 24  # a decomposed normalization is ~10 TFLite ops; more means the map did not bound it
+
+
+def normalization_ops(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto) -> set[int]:
+    """TFLite ops onnx2tf decomposed an ONNX normalization node into (MEAN, SQUARED_DIFFERENCE, RSQRT...).
+
+    Found backwards from the TFLite twin of the node's output to the twin of its input. Left as glue,
+    they would follow an int8 neighbour: on all-MiniLM-L6-v2 each int8 stage of a LayerNorm adds 7-35 %
+    relative error (the variance's range spans 0.002-0.03 on a per-tensor grid) and the embedding's
+    pooled cosine fell to 0.21 with int8 Adds alone.
+    """
+    t, producer = graph.tensors, graph.producer()
+    index = {x.name: x.index for x in t}
+    found: set[int] = set()
+    for node in model.graph.node:
+        if node.op_type not in NORMALIZATIONS:
+            continue
+        start = index.get(tmap.onnx_to_tflite.get(node.output[0], ""))
+        stop = index.get(tmap.onnx_to_tflite.get(node.input[0], ""))
+        if start is None or stop is None:
+            continue
+        ops: set[int] = set()
+        todo = [start]
+        while todo and len(ops) <= _MAX_NORM_OPS:
+            op = producer.get(todo.pop())
+            if op is None or op.index in ops:
+                continue
+            ops.add(op.index)
+            todo.extend(i for i in op.inputs if i >= 0 and i != stop and not t[i].constant)
+        if len(ops) <= _MAX_NORM_OPS and not todo:
+            found |= ops
+    return found
+
+
 def propagate_ranges(graph: TflGraph, known: dict[str, Range]) -> dict[str, Range]:
     """Carry ranges across range-preserving ops (both directions) until nothing changes."""
     ranges = dict(known)
@@ -141,15 +178,78 @@ def propagate_ranges(graph: TflGraph, known: dict[str, Range]) -> dict[str, Rang
     return ranges
 
 
+def apply_floors(graph: TflGraph, ranges: dict[str, Range], floors: Mapping[str, float]) -> dict[str, Range]:
+    """Raise the low end of each floored tensor's range to its floor, and of the tensors it copies
+    (range-preserving producers upstream: the same values).
+
+    A floored tensor made by an ADD (scores + mask) gets its addends cut too: TFLite's int8 ADD
+    rescales each input to the output's scale, and an input ~160x coarser than the output (the
+    mask's [-10000, 0] against the cut sum's [-11, 43]) wraps around instead of saturating (measured
+    on all-MiniLM-L6-v2: masked logits came out as the largest, the softmax put all weight on
+    padding). An addend only the floored ADDs read starts at ``floor - the other addends' highs``:
+    every masked sum still lands at or below the floor, where it saturates.
+    """
+    if not floors:
+        return ranges
+    out = dict(ranges)
+    t, producer, consumers = graph.tensors, graph.producer(), graph.consumers()
+    index = {x.name: x.index for x in t}
+
+    def cut(i: int | None, floor: float) -> None:
+        while i is not None and t[i].name in out:
+            lo, hi = out[t[i].name]
+            if floor <= lo or floor >= hi:
+                return
+            out[t[i].name] = (floor, hi)
+            op = producer.get(i)
+            data = [j for j in op.inputs if j >= 0 and not t[j].constant and t[j].dtype == "float32"] if op else []
+            single = op is not None and op.name in RANGE_PRESERVING and op.name not in ("CONCATENATION", "PACK")
+            i = data[0] if single and data else None
+            if i is not None and len(consumers.get(i, [])) != 1:
+                return  # another op reads the values before this one: they keep their range
+
+    for name, floor in floors.items():
+        cut(index.get(name), floor)
+    floored_adds: dict[int, float] = {}  # ADD op -> the floor of its output
+    for name, floor in floors.items():
+        i = index.get(name)
+        while i is not None and i in producer:
+            op = producer[i]
+            if op.name == "ADD":
+                floored_adds[op.index] = floor
+                break
+            if op.name not in RANGE_PRESERVING:
+                break
+            data = [j for j in op.inputs if j >= 0 and not t[j].constant]
+            i = data[0] if len(data) == 1 else None
+    wanted: dict[int, float] = {}
+    for op in graph.ops:
+        if op.index not in floored_adds:
+            continue
+        ins = [j for j in op.inputs if j >= 0]
+        if any(t[j].constant or t[j].name not in out for j in ins):
+            continue
+        for j in ins:
+            others = sum(out[t[k].name][1] for k in ins if k != j)
+            wanted[j] = min(wanted.get(j, np.inf), floored_adds[op.index] - others)
+    for j, lo in wanted.items():
+        if all(c.index in floored_adds for c in consumers.get(j, [])):
+            cut(j, lo)
+    return out
+
+
 def assign_ops(
     graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str],
     layer_precision: Mapping[str, str], onnx_range: Callable[[str], Range | None],
     symmetric_layers: Mapping[str, bool] = {}, measured: Mapping[str, Range] = {},
+    floors: Mapping[str, float] = {},
 ) -> OpAssignment:
     """The precision of every TFLite op under a plan, and the ranges of its tensors.
 
     ``measured``: ranges of TFLite tensors taken on the float .tflite; they fill only
     tensors that neither the map (with the table) nor propagation from them gives a range.
+    ``floors``: lowest value worth representing per SOFTMAX input (targets/tflite_ranges.py
+    ``softmax_floors``); a range reaching below it (an additive attention mask) is cut there.
     """
     layer_of = op_layers(graph, tmap, model, node_layer)
     known = {}
@@ -162,6 +262,7 @@ def assign_ops(
     if filled:  # propagate again: a measured range also holds across the reshapes around its tensor
         ranges = propagate_ranges(graph, {**base, **filled})
     derived = set(ranges) - set(base)
+    uncut, ranges = ranges, apply_floors(graph, ranges, floors)
     precision: dict[int, str] = {}
     kept: list[dict[str, object]] = []
     for op in graph.ops:
@@ -175,12 +276,29 @@ def assign_ops(
         elif p != FP32 and not _has_weight(graph, op):
             p = FP32  # weight precisions change weights; this op of the layer has none
         precision[op.index] = p
-    _glue(graph, layer_of, precision, ranges)
+    norm = normalization_ops(graph, tmap, model)
+    _glue(graph, layer_of, precision, ranges, skip=norm)
+    kept.extend(_no_int16_broadcast_add(graph, layer_of, precision))
     kept.extend(_float_glue(graph, layer_of, precision, ranges))
     used = {n for op in graph.ops if precision[op.index] in STATIC for n in _float_acts(graph, op)}
     symmetric = {i: precision[i] == INT16X8 or symmetric_layers.get(layer_of[i], False) for i in precision}
+    cut = {n: (uncut[n], ranges[n]) for n in sorted(used) if ranges[n] != uncut[n]}
     return OpAssignment(precision, layer_of, {n: ranges[n] for n in used}, symmetric, kept,
-                        tuple(sorted(used & derived)))
+                        tuple(sorted(used & derived)), cut)
+
+
+def _no_int16_broadcast_add(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str]) -> list[dict[str, object]]:
+    """int16x8 ADDs whose operands broadcast stay float: LiteRT 2.3's int16 ADD kernel aborts the
+    process on them (all-MiniLM-L6-v2: the attention mask [1,1,1,64] added to [1,12,64,64] scores,
+    the LayerNorm epsilon; SIGABRT in EvalAddQuantized, seen with gdb), so no plan may build one."""
+    t, out = graph.tensors, []
+    for op in graph.ops:
+        shapes = {t[i].shape for i in op.inputs if i >= 0}
+        if op.name == "ADD" and precision[op.index] == INT16X8 and len(shapes) > 1:
+            precision[op.index] = FP32
+            out.append({"op": op.name, "index": op.index, "layer": layer_of[op.index], "wanted": INT16X8,
+                        "why": "LiteRT's int16 ADD aborts on broadcasting operands"})
+    return out
 
 
 def _float_glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str],
@@ -199,8 +317,12 @@ def _float_glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, 
     return out
 
 
-def _glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str], ranges: dict[str, Range]) -> None:
-    """Quantize glue ops next to static ops (fixpoint), when all their tensors have ranges."""
+def _glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str], ranges: dict[str, Range],
+          skip: set[int] = frozenset()) -> None:
+    """Quantize glue ops next to static ops (fixpoint), when all their tensors have ranges.
+
+    Ops in ``skip`` (the inside of a decomposed normalization) follow an int16x8 neighbour only:
+    their int8 kernels lose too much (``normalization_ops``)."""
     producer, consumers = graph.producer(), graph.consumers()
 
     def neighbours(op: TflOp) -> list[TflOp]:
@@ -217,6 +339,8 @@ def _glue(graph: TflGraph, layer_of: dict[int, str], precision: dict[int, str], 
             if not acts or any(a not in ranges for a in acts):
                 continue
             near = [precision[n.index] for n in neighbours(op) if precision[n.index] in STATIC]
+            if op.index in skip:
+                near = [p for p in near if p == INT16X8]
             if near:
                 precision[op.index] = INT16X8 if INT16X8 in near and INT8 not in near else near[0]
                 changed = True

@@ -77,6 +77,9 @@ def weight_channels(model: onnx.ModelProto) -> dict[str, int]:
 
 def tflite_bytes(layer: Layer, precision: str, channels_of: Mapping[str, int]) -> int:
     """Bytes a layer's constants take in the .tflite at ``precision`` (weight, bias, scales)."""
+    if layer.op == "Gather":  # a GATHER table: one per-tensor tensor at the activation width (targets/tflite.py MENU)
+        width = {INT8: 1, INT16X8: 2}.get(precision, 4)
+        return layer.params * width + (_STRUCTURE_PER_QUANTIZED_LAYER + _QPARAM_BYTES if width < 4 else 0)
     channels = channels_of.get(layer.weights[0], 0) if layer.weights else 0
     # TensorFlow's converter gives every convolution a bias (zeros when the source has none);
     # a fully-connected layer has one when the source has a bias (or a folded BatchNorm).

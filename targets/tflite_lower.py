@@ -31,7 +31,7 @@ from dscompile.targets.tflite_compat import compat_report
 from dscompile.targets.tflite_convert import FloatTflite, convert_onnx
 from dscompile.targets.tflite_flatbuffer import TflGraph, attach_metadata, read_graph
 from dscompile.targets.tflite_quantize import build_recipe, qsvs, quantize
-from dscompile.targets.tflite_ranges import float_ranges
+from dscompile.targets.tflite_ranges import float_ranges, softmax_floors
 from dscompile.targets.tflite_tensor_map import TensorMap, build_map
 
 log = logging.getLogger("dscompile")
@@ -111,7 +111,8 @@ def quantize_plan(
     precision = {lp.name: lp.precision for lp in plan.layers}
     symmetric = {lp.name: bool(lp.activations.get("symmetric", False)) for lp in plan.layers}
     measured = float_ranges(fb.float.model, fb.tmap.io, samples) if plan.layers else {}
-    assignment = assign_ops(fb.graph, fb.tmap, g.model, node_layer, precision, onnx_range, symmetric, measured)
+    floors = softmax_floors(fb.float.model, fb.tmap.io, samples) if plan.layers else {}
+    assignment = assign_ops(fb.graph, fb.tmap, g.model, node_layer, precision, onnx_range, symmetric, measured, floors)
     quantized_ops = {i: p for i, p in assignment.precision.items() if p != FP32}
     recipe = build_recipe(fb.float.model, quantized_ops, assignment.symmetric)
     ranks = {t.name: len(t.shape) for t in fb.graph.tensors}
@@ -161,6 +162,12 @@ def _tflite_notes(fb: FloatBuild, built: TflGraph, assignment: OpAssignment | No
     if assignment is not None:
         notes["op_precisions"] = assignment.counts()
         notes["kept_float_no_range"] = assignment.kept_float
+        notes["softmax_input_floors"] = {
+            "tensors": {n: {"range": list(a), "cut_to": list(b)} for n, (a, b) in assignment.floored.items()},
+            "why": "a SOFTMAX input's range starts SOFTMAX_SPAN below the smallest row maximum seen on the float "
+            ".tflite over the calibration samples: an additive attention mask below it would take the whole "
+            "quantized grid (targets/tflite_ranges.py)",
+        }
         notes["ranges_measured_on_float_tflite"] = {
             "tensors": len(assignment.measured), "samples": samples,
             "why": "TFLite tensors the calibration table gives no range (no ONNX twin, or a twin not calibrated): "

@@ -23,13 +23,17 @@ import numpy as np
 
 from dscompile.calibration.feeds import digest_feed
 from dscompile.profiles.litert_runner import IoMap
-from dscompile.targets.tflite_flatbuffer import read_graph
+from dscompile.targets.tflite_flatbuffer import TflGraph, read_graph
 from dscompile.targets.tflite_tensor_map import PreservedRun
 
 Range = tuple[float, float]
 Feed = dict[str, np.ndarray]
 _CACHE: OrderedDict[bytes, dict[str, Range]] = OrderedDict()
+_FLOORS: OrderedDict[bytes, dict[str, float]] = OrderedDict()
 _CACHE_SIZE = 8
+# How far below a row's largest logit a SOFTMAX input still matters: e^-12 = 6e-6, under the
+# output grid of an int8 (1/256) and an int16 (1/32768) softmax, even summed over 64 positions.
+SOFTMAX_SPAN = 12.0
 
 
 def measure_ranges(model: bytes, io: IoMap, names: Sequence[str], feeds: Iterable[Feed]) -> dict[str, Range]:
@@ -78,3 +82,55 @@ def float_ranges(model: bytes, io: IoMap, feeds: Sequence[Feed]) -> dict[str, Ra
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
     return _CACHE[key]
+
+
+def softmax_inputs(graph: TflGraph) -> list[str]:
+    """Float tensors read by a SOFTMAX op."""
+    t = graph.tensors
+    return sorted({t[op.inputs[0]].name for op in graph.ops if op.name == "SOFTMAX" and t[op.inputs[0]].dtype == "float32"})
+
+
+def measure_floors(model: bytes, io: IoMap, names: Sequence[str], feeds: Iterable[Feed]) -> dict[str, float]:
+    """Per SOFTMAX input in ``names``: the smallest row maximum (last axis) over ``feeds``, minus SOFTMAX_SPAN.
+
+    A logit further below its row's maximum than SOFTMAX_SPAN gets a probability no quantized softmax
+    can represent, so a static range need not reach below this floor. An additive attention mask
+    (-10000, or the float minimum, where a token is padding) puts the tensor's minimum far lower:
+    a min/max range then spends the whole int8 grid on the mask, every real score rounds to the same
+    code, and the attention turns uniform (all-MiniLM-L6-v2: pooled cosine 0.38).
+    """
+    graph = read_graph(model)
+    index = {t.name: t.index for t in graph.tensors}
+    ids = [index[n] for n in names if n in index]
+    floor = np.full(len(ids), np.inf)
+    if not ids:
+        return {}
+    run = PreservedRun(model)
+    for feed in feeds:
+        run.run({b.tflite: b.to_tflite(feed[b.onnx]) for b in io.inputs})
+        for k, i in enumerate(ids):
+            v = run.tensor(i)
+            if v is None or v.size == 0 or v.ndim == 0:
+                continue
+            rows = np.max(np.where(np.isfinite(v), v, -np.inf), axis=-1)
+            rows = rows[np.isfinite(rows)]
+            if rows.size:
+                floor[k] = min(floor[k], float(rows.min()))
+    by_id = {t.index: t.name for t in graph.tensors}
+    return {by_id[i]: float(floor[k]) - SOFTMAX_SPAN for k, i in enumerate(ids) if np.isfinite(floor[k])}
+
+
+def softmax_floors(model: bytes, io: IoMap, feeds: Sequence[Feed]) -> dict[str, float]:
+    """``measure_floors`` of every SOFTMAX input of ``model``, kept per (model, samples) like float_ranges."""
+    if not feeds:
+        return {}
+    h = hashlib.sha256(model)
+    for f in feeds:
+        h.update(digest_feed(f))
+    key = h.digest()
+    if key not in _FLOORS:
+        _FLOORS[key] = measure_floors(model, io, softmax_inputs(read_graph(model)), feeds)
+        while len(_FLOORS) > _CACHE_SIZE:
+            _FLOORS.popitem(last=False)
+    _FLOORS.move_to_end(key)
+    return _FLOORS[key]

@@ -186,3 +186,23 @@ def test_weights_in_constant_nodes_are_layer_weights(digits):
     assert biases and all(b in inits for b in biases)
     x = {model.graph.input[0].name: digits.test_x[:1]}
     np.testing.assert_array_equal(ort_session(_graph(as_nodes).model).run(None, x)[0], ort_session(model).run(None, x)[0])
+
+
+def test_repair_reallocation_keeps_layers_on_the_accelerator():
+    """The repair loop re-solves a size-budgeted plan from its recorded costs: an option the plan
+    recorded as leaving the NPU (``off_device``) ranks below every staying one there too, as in DMPQ."""
+    from dscompile.compiler.plan import LayerPlan, QuantPlan
+    from dscompile.compiler.repair_budget import Cap, Fixed, promote_within
+
+    def cost(nbytes, off=""):
+        return {"bytes": nbytes, "latency_ms": 0.0, **({"off_device": off} if off else {})}
+
+    a = LayerPlan("a", ("a",), "Conv", "fp16", sensitivity={"fp32": 0.0, "fp16": 0.001, "int8": 0.2, "int8_dynamic": 0.01},
+                  cost={"fp32": cost(400), "fp16": cost(200), "int8": cost(100), "int8_dynamic": cost(100, "hybrid kernel: CPU")})
+    b = LayerPlan("b", ("b",), "Conv", "fp16", sensitivity={"fp32": 0.0, "fp16": 0.001},
+                  cost={"fp32": cost(400), "fp16": cost(200)})
+    plan = QuantPlan("snapdragon", "x", (a, b), budget={"size": 0.625}, predicted={"bytes": 400, "fp32_bytes": 800})
+    cap = Cap(Budget("size", 0.625), Fixed(0.0, 0.0), 500.0)
+    precisions, accepted, _ = promote_within(plan, [("b", "fp32")], 1, cap, {})
+    assert accepted == [("b", "fp32")]
+    assert precisions == {"a": "int8", "b": "fp32"}  # not int8_dynamic, 20x less sensitive but off the NPU

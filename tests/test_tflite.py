@@ -250,14 +250,20 @@ def test_size_budget_prefers_npu_precisions(target, digits_case, monkeypatch):
             return fixed + sum(caps.cost_model.cost(lay, q if q in caps.layer_menu(lay) else FP32).bytes for lay in layers)
         return size(p) / size(FP32) * 1.001
 
+    plans = []
+
     def plan(budget: float) -> list[str]:
         settings = PlanSettings(budget=Budget("size", budget), show_progress=False, sensitivity_samples=8)
         p, _ = plan_for(target, digits_case.graph, DEVICE, digits_case.table, digits_case.feeds[:8], (), settings)
+        plans.append(p)
         return [lp.precision for lp in p.layers if lp.op in ("Conv", "Gemm")]
 
     assert fraction(INT8_DYNAMIC) < fraction(INT8)
     on_npu = plan(fraction(INT8))
     assert INT8_DYNAMIC not in on_npu and INT8 in on_npu, on_npu
+    # the plan records which options leave the NPU, so the repair loop's re-allocation avoids them too
+    assert all(lp.cost[INT8_DYNAMIC].get("off_device") and not lp.cost[INT8].get("off_device")
+               for lp in plans[0].layers if INT8_DYNAMIC in lp.cost)
     squeezed = plan(fraction(INT8_DYNAMIC))  # below int8 everywhere: preferred, not forbidden
     assert INT8_DYNAMIC in squeezed, squeezed
     monkeypatch.setattr(tflite_cost.SnapdragonCost, "off_device", lambda self, layer, precision: "")
@@ -322,6 +328,31 @@ def test_transformer_precisions(target, transformer_case, tmp_path, precision):
     assert "MEAN" in {k["op"] for k in tfl["kept_float_no_range"]}
     assert precisions_of(art, "RSQRT") == {FP32} and precisions_of(art, "SQUARED_DIFFERENCE") == {FP32}
     assert all(f["precision"] in ("int64", "bool") for f in art.notes["hexagon"]["fallbacks"])  # only index math
+
+
+def gather_tables(model: bytes) -> list[str]:
+    """Element type of the constant table of every GATHER op of a .tflite."""
+    from dscompile.targets.tflite_flatbuffer import read_graph
+
+    g = read_graph(model)
+    return [g.tensors[op.inputs[0]].dtype for op in g.ops if op.name == "GATHER" and g.tensors[op.inputs[0]].constant]
+
+
+@pytest.mark.parametrize("precision, table", [(INT8, "int8"), (INT16X8, "int16")])
+def test_transformer_embedding_table_quantized(target, transformer_case, tmp_path, precision, table):
+    """The token-embedding Gather is on the menu: its table is stored at the activation width (TFLite's
+    static GATHER, as ai-edge-quantizer lowers it), LiteRT runs it, DMPQ's bytes count it."""
+    caps = target.capabilities(prepared(transformer_case.graph), DEVICE)
+    embed = next(lay for lay in find_layers(prepared(transformer_case.graph)) if lay.op == "Gather")
+    assert precision in caps.layer_menu(embed)
+    width = 1 if precision == INT8 else 2  # the table per tensor (+ one scale, zero point and the op's tables)
+    assert embed.params * width < caps.cost_model.cost(embed, precision).bytes < embed.params * width + 300
+    plan = uniform_plan(target, transformer_case, precision)
+    assert next(lp.precision for lp in plan.layers if lp.op == "Gather") == precision
+    art, runner = build(target, transformer_case, plan, transformer_case.table, tmp_path)
+    assert gather_tables(art.primary_path.read_bytes()) == [table]
+    acc, agree = transformer_case.score(runner)
+    assert acc >= transformer_case.fp32_acc - 0.03 and agree >= 0.95, (acc, agree)
 
 
 def test_transformer_mixed(target, transformer_case, tmp_path):
