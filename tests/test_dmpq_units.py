@@ -64,7 +64,8 @@ def test_emulator_reproduces_the_real_lowering_layer_by_layer(precision):
     plain = ort.InferenceSession(graph.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(run({}), plain, rtol=1e-5, atol=1e-5)  # all gates closed: the FP32 model
     for lay in chosen:
-        real = lower_qdq(graph.model, layers, {lay.name: precision}, {k: Range(*v) for k, v in ranges.items()})
+        real = lower_qdq(graph.model, layers, {lay.name: precision}, {k: Range(*v) for k, v in ranges.items()},
+                         weight_bits=numerics.weight_bits)
         want = ort.InferenceSession(real.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         got = run(emu.case_feed(lay, numerics))
         assert not np.allclose(got, plain, atol=1e-7), lay.name  # the gate changes something
