@@ -7,7 +7,6 @@ kernels, DynamicQuantizeMatMul, MatMulNBits); costs come from ``ort_cpu_cost.py`
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from dscompile.calibration.table import CalibrationTable
@@ -117,7 +116,6 @@ class OrtCpuTarget:
                 raise InputError(f"device {device!r} is for target {profile.target}, not {self.name}")
 
         non_negative = {o for n in g.model.graph.node if _non_negative(n, weights) for o in n.output}
-        bits = int8_weight_bits(this_cpu=profile is None)
 
         def lower(assign: dict[str, str]):
             # Stand-in ranges for timing only. A Relu/Sigmoid output gets a range starting at 0, as a
@@ -125,7 +123,7 @@ class OrtCpuTarget:
             # is the range's bottom, so (-1, 1) there times Conv -> DQ -> float Relu -> Q instead.
             ranges = {t: Range(0.0, 1.0) if t in non_negative else Range(-1.0, 1.0)
                       for lay in layers for t in (*lay.inputs, *lay.outputs, *lay.internal)}
-            return lower_qdq(g.model, layers, assign, ranges, weight_bits=bits)
+            return lower_qdq(g.model, layers, assign, ranges)
 
         cost = OrtCpuCost(g.model, layers, menus, lower, device or THIS_CPU, profile, threads, g.inputs)
         from dscompile.compiler.capabilities import DEFAULT_NUMERICS, Numerics
@@ -135,8 +133,6 @@ class OrtCpuTarget:
         # gets BuildOptions.samples (compile --calib DATA); a build from a calib.json rounds to nearest
         numerics[INT4_WEIGHT] = Numerics("int4_block", "none", block_size=INT4_BLOCK, weight_symmetric=False,
                                          rounding="gptq")
-        for p in (INT8, INT8_DYNAMIC):
-            numerics[p] = replace(numerics[p], weight_bits=bits)
         return TargetCapabilities(
             self.name, device or THIS_CPU, MENU, cost, ActivationScheme(method="minmax", symmetric=False),
             numerics, check, REASONS,
@@ -157,10 +153,10 @@ class OrtCpuTarget:
             ranges = {t: Range(*r) for t, r in plan_ranges(plan, layers, table, outs, consts).items()}
             int4 = _int4_matmuls(layers, precisions)
             hessians = _int4_hessians(g.model, layers, options) if int4 else {}
-            bits = int8_weight_bits(this_cpu=(options.device or THIS_CPU) == THIS_CPU)
-            model = lower_qdq(g.model, layers, precisions, ranges, hessians, weight_bits=bits)
-            if any(p in (INT8, INT8_DYNAMIC) for p in precisions.values()) and weight_bits_note(bits):
-                notes["int8_weights"] = weight_bits_note(bits)
+            model = lower_qdq(g.model, layers, precisions, ranges, hessians)
+            exact = int8_weight_bits(this_cpu=(options.device or THIS_CPU) == THIS_CPU)
+            if any(p in (INT8, INT8_DYNAMIC) for p in precisions.values()) and weight_bits_note(exact):
+                notes["int8_weights"] = weight_bits_note(exact)
             if int4:
                 notes["int4_rounding"] = (f"gptq (input Hessians from {len(options.samples)} calibration samples)"
                                           if hessians else "as distilled" if not options.refit_weights
