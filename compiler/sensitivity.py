@@ -30,7 +30,7 @@ from dscompile.compiler.verify import looks_like_scores
 log = logging.getLogger("dscompile")
 Feed = dict[str, np.ndarray]
 STACK_BYTES = 4 << 20
-POWER_FLOOR = 1e-6  # a slice's power counts at least this share of its output's largest slice (nmse)
+POWER_FLOOR = 1e-9  # a slice's power counts at least this share of its output's largest slice (nmse)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def nmse(ref: np.ndarray, got: np.ndarray) -> float:
     Per slice because one output often packs quantities of very different scales
     (a detector's box coordinates in pixels beside its class scores in [0, 1]):
     a whole-tensor error would be all boxes and never see the scores collapse.
-    A slice's power is floored at ``POWER_FLOOR`` of the largest slice's (RMS 1/1000 of it): the
+    A slice's power is floored at ``POWER_FLOOR`` of the largest slice's (RMS 3e-5 of it): the
     score slice of a class absent from the samples (sigmoid outputs ~1e-9) would otherwise turn an
     error nobody can see into the largest divergence of the model (YOLOv8n: 2e7 for one INT8 concat).
     """

@@ -6,6 +6,7 @@ YOLOv8n (nudenet) lost box IoU to Model Optimizer's all-INT8 build while keeping
   0.3 cells through an INT8 Concat/Add);
 - its DFL Softmax (a distribution over box distances) got the entropy threshold ~0.5 as amax, which
   clips every confident peak (Model Optimizer: 1.0);
+- its output Concat joins boxes (0..320) and class scores (0..1): one INT8 scale zeroes the scores;
 - DMPQ's per-slice NMSE divided by the power of class-score slices of absent classes (~1e-9): one
   INT8 concat scored 2e7, and the whole model's budget went to noise.
 Here the digits CNN's pooled features feed the same three constructs.
@@ -19,10 +20,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dscompile.calibration.collect import calibrate
+from dscompile.compiler.capabilities import INT8
 from dscompile.compiler.ingest import IngestOptions, ingest
 from dscompile.compiler.layers import find_layers
 from dscompile.compiler.sensitivity import nmse
 from dscompile.planning import prepared
+from dscompile.targets.tensorrt import TARGET
 from dscompile.targets.tensorrt_plan import default_plan
 from dscompile.targets.tensorrt_qdq import lower_plan
 
@@ -55,8 +58,10 @@ def _with_head(digits_onnx: str, path) -> str:
         helper.make_node("Cast", ["grid_int"], ["grid_flat"], "grid_cast", to=TensorProto.FLOAT),
         helper.make_node("Reshape", ["grid_flat", "grid_shape"], [GRID], "grid_reshape"),
         helper.make_node("Add", ["dist", GRID], ["box_x"], "decode_add"),
+        helper.make_node("Sigmoid", ["dist"], ["score"], "score_sigmoid"),
+        helper.make_node("Concat", ["box_x", "score"], ["det"], "det_concat", axis=1),  # boxes beside scores
     ])
-    g.output.append(helper.make_tensor_value_info("box_x", TensorProto.FLOAT, [1, 1, "h", "w"]))
+    g.output.append(helper.make_tensor_value_info("det", TensorProto.FLOAT, [1, 2, "h", "w"]))
     out = str(path / "digits_head.onnx")
     onnx.save(model, out)
     return out
@@ -86,6 +91,17 @@ def test_shape_derived_anchor_grid_is_no_activation(head):
     quantized = _quantized(model)
     assert PROBS in quantized  # the DFL conv is INT8
     assert GRID not in quantized, "the constant-foldable anchor grid got Q/DQ"
+
+
+def test_output_concat_of_boxes_and_scores_stays_float(head):
+    graph, table = head
+    caps = TARGET.capabilities(graph, "jetson-agx-orin-64gb")
+    concat = next(lay for lay in find_layers(graph) if lay.name == "det_concat")
+    assert INT8 not in caps.layer_menu(concat)
+    plan = default_plan(graph, table, "jetson-orin", "jetson-agx-orin-64gb")
+    assert plan.layer("det_concat").precision != INT8
+    model, _ = lower_plan(graph, plan, table)
+    assert "score" not in _quantized(model)  # one scale for 0..8 and 0..1 would round the scores away
 
 
 def test_softmax_output_keeps_its_peak(head):
