@@ -107,7 +107,7 @@ def test_output_concat_of_boxes_and_scores_stays_float(head):
 def test_softmax_output_keeps_its_peak(head):
     graph, table = head
     tr = table.range(PROBS)
-    assert tr.threshold("entropy") < 0.9 * tr.absmax  # the entropy threshold would clip the peaks
+    assert tr.threshold("entropy") < 0.9 * tr.absmax  # the KL threshold clips the peaks
     model, _ = lower_plan(graph, default_plan(graph, table, "jetson-orin", "jetson-agx-orin-64gb"), table)
     assert _quantized(model)[PROBS] == pytest.approx(tr.absmax / 127, rel=1e-6)
 
