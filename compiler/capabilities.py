@@ -103,6 +103,9 @@ class ActivationScheme:
 
     method: str = "entropy"  # entropy | minmax | percentile | mse
     symmetric: bool = True  # False: uint8 with a zero point (min/max range)
+    # Ops whose outputs are quantized over their whole observed range, not the method's threshold:
+    # a bounded output (Softmax's probabilities) carries its signal in the peak a KL threshold clips.
+    full_range_ops: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -80,12 +80,13 @@ def find_layers(graph: ModelGraph) -> list[Layer]:
     index = GraphIndex.of(model)
     shapes = static_shapes(model)
     types = tensor_types(model)
+    static = static_tensors(model)
     taken: set[str] = set()
     layers: list[Layer] = []
     for node in model.graph.node:
         if node.name in taken:
             continue
-        layer = _layer_at(node, index, shapes, types, graph.layer_map)
+        layer = _layer_at(node, index, shapes, types, graph.layer_map, static)
         if layer is None:
             continue
         taken.update(layer.nodes)
@@ -93,8 +94,26 @@ def find_layers(graph: ModelGraph) -> list[Layer]:
     return layers
 
 
+def static_tensors(model: onnx.ModelProto) -> frozenset[str]:
+    """Tensors that do not depend on the input data: initializers, constants, shapes, and whatever is
+    computed from them alone (a detector's anchor grid and strides: Shape -> Range -> Reshape).
+
+    Runtimes fold them into constants (TensorRT does, for a given shape profile): they are not
+    activations, and quantizing them moves exact coordinates (YOLOv8's anchor points off by 0.3 cells).
+    """
+    static = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in _SHAPE_ONLY or all(i in static for i in node.input if i):
+            static.update(o for o in node.output if o)
+    return frozenset(static)
+
+
+_SHAPE_ONLY = ("Shape", "Size", "EyeLike")  # outputs that depend on their input's shape, not its values
+
+
 def _layer_at(
-    node: onnx.NodeProto, index: GraphIndex, shapes: dict, types: dict[str, int], layer_map: dict[str, str]
+    node: onnx.NodeProto, index: GraphIndex, shapes: dict, types: dict[str, int], layer_map: dict[str, str],
+    static: frozenset[str] = frozenset(),
 ) -> Layer | None:
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
@@ -104,7 +123,7 @@ def _layer_at(
     if op in WEIGHTED:
         return _weighted_layer(node, index, shapes, layer_map) if _float_tensor(node.input[0], types) else None
     if op in INTEGER_OPS:
-        acts = tuple(i for i in node.input[: _data_inputs(op, node)] if i and not index.is_constant(i))
+        acts = tuple(i for i in node.input[: _data_inputs(op, node)] if i and not index.is_constant(i) and i not in static)
         if not acts or not all(_float_tensor(a, types) for a in acts):
             return None
         if op in _BINARY and len(acts) != 2:

@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from dscompile.calibration.table import CalibrationTable, write_trt_cache
-from dscompile.compiler.capabilities import ActivationScheme, Cost, Layer, TargetCapabilities
+from dscompile.compiler.capabilities import INT8, Cost, Layer, TargetCapabilities
 from dscompile.compiler.fp16_emulate import emulate_fp16
 from dscompile.compiler.graph import ModelGraph, static_shapes
 from dscompile.compiler.onnx_io import save_model
@@ -29,8 +29,14 @@ from dscompile.profiles.devices import get_device
 from dscompile.profiles.runners import OrtRunner
 from dscompile.targets.base import Artifact, BuildOptions, describe_files
 from dscompile.targets.tensorrt_dla import dla_placement
-from dscompile.targets.tensorrt_plan import MENU, NUMERICS, default_plan, reference_precision
-from dscompile.targets.tensorrt_qdq import lower_plan
+from dscompile.targets.tensorrt_plan import (
+    MENU,
+    NUMERICS,
+    default_plan,
+    int8_output_unfit,
+    reference_precision,
+)
+from dscompile.targets.tensorrt_qdq import ACTIVATIONS, lower_plan
 from dscompile.targets.tensorrt_rules import RuleReport, check_model
 from dscompile.targets.tensorrt_script import (
     ENGINE_FILE,
@@ -113,8 +119,13 @@ class TensorRTTarget:
     def capabilities(self, graph: ModelGraph, device: str) -> TargetCapabilities:
         # The rule checker's verdicts per layer: DMPQ never picks a precision TensorRT refuses or runs no faster.
         verdicts = layer_verdicts(graph, release_for_device(device), self.name)
-        caps = TargetCapabilities(self.name, device, MENU, RooflineCost(device), ActivationScheme("entropy", True),
-                                  NUMERICS, check=verdicts.check, advice=verdicts.advise)
+        outputs = frozenset(o.name for o in graph.model.graph.output)
+
+        def advise(layer: Layer, precision: str) -> str | None:
+            return verdicts.advise(layer, precision) or (int8_output_unfit(layer, outputs) if precision == INT8 else "") or None
+
+        caps = TargetCapabilities(self.name, device, MENU, RooflineCost(device), ACTIVATIONS,
+                                  NUMERICS, check=verdicts.check, advice=advise)
         # DMPQ's default budget is capped at the conventional INT8/FP16 placement's sensitivity (dmpq.py)
         return replace(caps, reference=lambda layer: reference_precision(layer, caps.layer_menu(layer)))
 

@@ -60,6 +60,19 @@ def int8_unfit(layer: Layer, graph: ModelGraph, index: GraphIndex, shapes: dict)
     return ""
 
 
+_FUSED_ONLY = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
+
+
+def int8_output_unfit(layer: Layer, outputs: frozenset[str]) -> str:
+    """Why an Add/Concat/pool writing a model output gains nothing from INT8 ('' otherwise): no INT8
+    layer follows to fuse with, so TensorRT would only round the output (Model Optimizer leaves outputs
+    float). YOLOv8's output Concat joins boxes (0..320) and class scores (0..1) under one scale: INT8
+    zeroes every score."""
+    if layer.op in _FUSED_ONLY and outputs.intersection(layer.outputs):
+        return f"{layer.op} writes the model output {layer.outputs[0]!r}: no INT8 layer follows to fuse with"
+    return ""
+
+
 def reference_precision(layer: Layer, menu: tuple[str, ...]) -> str:
     """What this target's conventional placement gives a layer (as Model Optimizer places INT8 for
     TensorRT): INT8 where the menu (after the rule checker's verdicts) keeps it, FP16 elsewhere."""
@@ -89,7 +102,7 @@ def _choose(layer: Layer, graph: ModelGraph, table: CalibrationTable | None, ind
     missing = [t for t in layer.inputs if t not in table.tensors]
     if missing:
         return fallback, f"no calibration range for {missing[0]!r}"
-    why = int8_unfit(layer, graph, index, shapes)
+    why = int8_unfit(layer, graph, index, shapes) or int8_output_unfit(layer, index.graph_outputs)
     if why:
         return fallback, why
     return INT8, "no plan: calibrated INT8"

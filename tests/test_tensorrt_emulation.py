@@ -19,7 +19,7 @@ from dscompile.compiler.fp16_emulate import emulate_fp16
 from dscompile.compiler.ingest import IngestOptions, ingest
 from dscompile.compiler.layers import find_layers
 from dscompile.compiler.plan import LayerPlan, QuantPlan, needed_tensors
-from dscompile.compiler.ranges import table_ranges
+from dscompile.compiler.ranges import full_range_tensors, table_ranges
 from dscompile.compiler.runtime import ort_session
 from dscompile.compiler.sensitivity import _cases, _Runner, nmse
 from dscompile.planning import prepared
@@ -43,7 +43,8 @@ def _compare(zoo, name: str, precision: str) -> list[tuple[str, float, float]]:
     caps = TARGET.capabilities(graph, DEVICE)
     layers = find_layers(graph)
     outs = {o.name for o in graph.model.graph.output}
-    ranges = table_ranges(table, {t for lay in layers for t in needed_tensors(lay, outs)}, caps.activations)
+    ranges = table_ranges(table, {t for lay in layers for t in needed_tensors(lay, outs)}, caps.activations,
+                          full_range_tensors(graph.model, caps.activations))
     cases, _ = _cases(layers, caps, ranges)
     emu = build_emulator(graph.model, layers, {lay.name: [caps.numerics[p] for p in ps] for lay, ps in cases},
                          ranges, caps.activations.symmetric)
