@@ -20,6 +20,7 @@ from dscompile.calibration.table import CalibrationTable, write_trt_cache
 from dscompile.compiler.capabilities import INT8, Cost, Layer, TargetCapabilities
 from dscompile.compiler.fp16_emulate import emulate_fp16
 from dscompile.compiler.graph import ModelGraph, static_shapes
+from dscompile.compiler.normalize import prepared
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan
 from dscompile.compiler.runtime import ort_session
@@ -133,6 +134,7 @@ class TensorRTTarget:
         self, graph: ModelGraph, plan: QuantPlan | None, table: CalibrationTable | None,
         stage: Path, options: BuildOptions,
     ) -> Artifact:
+        graph = prepared(graph)  # the graph DMPQ planned on (weights held by Constant nodes are layers there)
         device = options.device or DEFAULT_DEVICE
         release = release_for_device(device)
         profile = check_profile(graph.inputs, options.shapes, table)

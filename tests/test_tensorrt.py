@@ -145,3 +145,28 @@ def test_engine_builder_needs_tensorrt(cli, digits, tmp_path):
     r = cli("--target", TARGET, digits.onnx, "--build", "-o", out)
     assert r.returncode == 1 and len(r.stderr_lines) == 1, r.stderr
     assert "tensorrt" in r.stderr and "pip install" in r.stderr and not out.exists()
+
+
+def test_weights_in_constant_nodes_are_lowered_as_planned(cli, digits, tmp_path):
+    """paddle2onnx keeps weights and biases in Constant nodes (PP-OCRv4): DMPQ plans on the normalised graph,
+    where they are layers, and the TensorRT lowering must see the same layers ('not a layer of this model')."""
+    from onnx import helper
+
+    model = onnx.load(digits.onnx)
+    consts = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+              for t in model.graph.initializer if len(t.dims) >= 1]
+    kept = [t for t in model.graph.initializer if len(t.dims) < 1]
+    nodes = consts + list(model.graph.node)
+    del model.graph.initializer[:], model.graph.node[:]
+    model.graph.initializer.extend(kept)
+    model.graph.node.extend(nodes)
+    onnx.save(model, tmp_path / "as_nodes.onnx")
+    out = tmp_path / "build_orin"
+    # --no-simplify: onnx-simplifier would fold the Constant nodes; --no-bias-correction: bias correction hands the
+    # lowering its own normalised graph, which hid the bug (PP-OCRv4's samples differ in shape, so it was skipped)
+    r = cli("--target", TARGET, tmp_path / "as_nodes.onnx", "--calib", _calib(digits, tmp_path), "--no-simplify",
+            "--no-bias-correction", "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    assert _report(out)["precision"].get("int8", 0) >= 2
+    qdq = onnx.load(out / "model.qdq.onnx")
+    assert any(n.op_type == "Conv" for n in qdq.graph.node)
