@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -48,20 +48,16 @@ def measure_ranges(model: bytes, io: IoMap, names: Sequence[str], feeds: Iterabl
     hi = np.full(len(ids), -np.inf)
     if not ids:
         return {}
-    run = PreservedRun(model)
-    for feed in feeds:
-        run.run({b.tflite: b.to_tflite(feed[b.onnx]) for b in io.inputs})
-        for k, i in enumerate(ids):
-            v = run.tensor(i)
-            if v is None or v.size == 0:
+    for k, v in _preserved_values(model, io, ids, feeds):
+        if v.size == 0:
+            continue
+        a, b = float(v.min()), float(v.max())
+        if not (np.isfinite(a) and np.isfinite(b)):  # -inf masks: range the finite values only
+            finite = v[np.isfinite(v)]
+            if not finite.size:
                 continue
-            a, b = float(v.min()), float(v.max())
-            if not (np.isfinite(a) and np.isfinite(b)):  # -inf masks: range the finite values only
-                finite = v[np.isfinite(v)]
-                if not finite.size:
-                    continue
-                a, b = float(finite.min()), float(finite.max())
-            lo[k], hi[k] = min(lo[k], a), max(hi[k], b)
+            a, b = float(finite.min()), float(finite.max())
+        lo[k], hi[k] = min(lo[k], a), max(hi[k], b)
     by_id = {t.index: t.name for t in graph.tensors}
     return {by_id[i]: (float(lo[k]), float(hi[k])) for k, i in enumerate(ids) if lo[k] <= hi[k]}
 
@@ -69,19 +65,11 @@ def measure_ranges(model: bytes, io: IoMap, names: Sequence[str], feeds: Iterabl
 def float_ranges(model: bytes, io: IoMap, feeds: Sequence[Feed]) -> dict[str, Range]:
     """Min/max of every float activation of ``model`` over ``feeds``, kept per (model, samples):
     DMPQ's repair builds and the final build reuse one run."""
-    if not feeds:
-        return {}
-    h = hashlib.sha256(model)
-    for f in feeds:
-        h.update(digest_feed(f))
-    key = h.digest()
-    if key not in _CACHE:
+    def measure() -> dict[str, Range]:
         names = [t.name for t in read_graph(model).tensors if t.dtype == "float32" and not t.constant]
-        _CACHE[key] = measure_ranges(model, io, names, feeds)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    _CACHE.move_to_end(key)
-    return _CACHE[key]
+        return measure_ranges(model, io, names, feeds)
+
+    return _kept(_CACHE, model, feeds, measure)
 
 
 def softmax_inputs(graph: TflGraph) -> list[str]:
@@ -105,32 +93,44 @@ def measure_floors(model: bytes, io: IoMap, names: Sequence[str], feeds: Iterabl
     floor = np.full(len(ids), np.inf)
     if not ids:
         return {}
-    run = PreservedRun(model)
-    for feed in feeds:
-        run.run({b.tflite: b.to_tflite(feed[b.onnx]) for b in io.inputs})
-        for k, i in enumerate(ids):
-            v = run.tensor(i)
-            if v is None or v.size == 0 or v.ndim == 0:
-                continue
-            rows = np.max(np.where(np.isfinite(v), v, -np.inf), axis=-1)
-            rows = rows[np.isfinite(rows)]
-            if rows.size:
-                floor[k] = min(floor[k], float(rows.min()))
+    for k, v in _preserved_values(model, io, ids, feeds):
+        if v.size == 0 or v.ndim == 0:
+            continue
+        rows = np.max(np.where(np.isfinite(v), v, -np.inf), axis=-1)
+        rows = rows[np.isfinite(rows)]
+        if rows.size:
+            floor[k] = min(floor[k], float(rows.min()))
     by_id = {t.index: t.name for t in graph.tensors}
     return {by_id[i]: float(floor[k]) - SOFTMAX_SPAN for k, i in enumerate(ids) if np.isfinite(floor[k])}
 
 
 def softmax_floors(model: bytes, io: IoMap, feeds: Sequence[Feed]) -> dict[str, float]:
     """``measure_floors`` of every SOFTMAX input of ``model``, kept per (model, samples) like float_ranges."""
+    return _kept(_FLOORS, model, feeds, lambda: measure_floors(model, io, softmax_inputs(read_graph(model)), feeds))
+
+
+def _kept(cache: OrderedDict, model: bytes, feeds: Sequence[Feed], measure: Callable[[], dict]) -> dict:
+    """``measure()``, kept in ``cache`` per (model, samples), the last _CACHE_SIZE of them ({} without samples)."""
     if not feeds:
         return {}
     h = hashlib.sha256(model)
     for f in feeds:
         h.update(digest_feed(f))
     key = h.digest()
-    if key not in _FLOORS:
-        _FLOORS[key] = measure_floors(model, io, softmax_inputs(read_graph(model)), feeds)
-        while len(_FLOORS) > _CACHE_SIZE:
-            _FLOORS.popitem(last=False)
-    _FLOORS.move_to_end(key)
-    return _FLOORS[key]
+    if key not in cache:
+        cache[key] = measure()
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
+def _preserved_values(model: bytes, io: IoMap, ids: Sequence[int], feeds: Iterable[Feed]) -> Iterator[tuple[int, np.ndarray]]:
+    """(position in ``ids``, value) of each kept TFLite tensor after each float run of ``model`` over ``feeds``."""
+    run = PreservedRun(model)
+    for feed in feeds:
+        run.run({b.tflite: b.to_tflite(feed[b.onnx]) for b in io.inputs})
+        for k, i in enumerate(ids):
+            v = run.tensor(i)
+            if v is not None:
+                yield k, v
