@@ -70,6 +70,16 @@ class QuantPlan:
         layers = tuple(replace(lp, precision=precision, reason=reason) if lp.name == name else lp for lp in self.layers)
         return replace(self, layers=layers)
 
+    def with_weights(self, updates: dict[str, dict[str, Any]], note: str = "") -> QuantPlan:
+        """Each named layer's ``weights`` merged with its update (``note`` appended to its reason)."""
+        def merged(lp: LayerPlan) -> LayerPlan:
+            if lp.name not in updates:
+                return lp
+            return replace(lp, weights={**lp.weights, **updates[lp.name]},
+                           reason=f"{lp.reason}; {note}" if note and lp.reason else note or lp.reason)
+
+        return replace(self, layers=tuple(merged(lp) for lp in self.layers))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
@@ -156,6 +166,16 @@ def validate_layers(plan: QuantPlan, layers: list[Layer], caps: TargetCapabiliti
         why = caps.why_not(lay, lp.precision)
         if why:
             raise InputError(f"plan layer {lp.name!r}: {why}")
+        bits = int8_weight_bits(lp)
+        if type(bits) is not int or not 2 <= bits <= 8:
+            raise InputError(f"plan layer {lp.name!r}: weights int8_bits {bits!r} is not an integer from 2 to 8")
+
+
+def int8_weight_bits(lp: LayerPlan) -> Any:
+    """``weights.int8_bits``: the width of the layer's weight codes whenever it runs an int8 precision
+    (8 unless the plan says fewer, e.g. 7 where the CPU's integer kernels saturate). It is kept apart
+    from ``bits`` (the width of the current scheme) so it holds whatever precision repair moves to."""
+    return lp.weights.get("int8_bits", 8)
 
 
 def needed_tensors(lay: Layer, graph_outputs: set[str]) -> list[str]:

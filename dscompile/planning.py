@@ -71,6 +71,9 @@ def plan_for(
     options = PlanOptions(settings.budget, settings.sensitivity_samples, settings.threads, settings.show_progress,
                           fit_weights=prepare is None)
     plan = make_plan(g, caps, table, feeds, options, model_sha256=graph.sha256)
+    refine = getattr(target, "refine_plan", None)  # a target's own measurement of the plan (ort-cpu: weight bits)
+    if refine is not None:
+        plan = refine(g, plan, table, feeds, settings.threads)
     if not holdout:
         return plan, None
     evaluate = Evaluator(target, graph, table, holdout, device, settings, prepare, tuple(feeds))

@@ -98,6 +98,10 @@ class Runner(Protocol):
 
 @runtime_checkable
 class Target(Protocol):
+    """A deployment target. Optional: ``refine_plan(graph, plan, table, feeds, threads) -> QuantPlan``,
+    a measurement the target makes on a fresh DMPQ plan before the repair loop (ort-cpu: int8 weight
+    bits where this CPU's kernels saturate)."""
+
     name: str
     description: str
     output_kind: Literal["file", "dir"]

@@ -7,6 +7,9 @@ kernels, DynamicQuantizeMatMul, MatMulNBits); costs come from ``ort_cpu_cost.py`
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from dscompile.calibration.table import CalibrationTable
@@ -27,14 +30,18 @@ from dscompile.compiler.layers import ACT_MATMUL, CONTROL_FLOW, INTEGER_OPS, REC
 from dscompile.compiler.normalize import prepared
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan, plan_ranges
+from dscompile.compiler.plan import int8_weight_bits as planned_bits
 from dscompile.errors import InputError
 from dscompile.profiles.runners import OrtRunner
 from dscompile.targets.base import Artifact, BuildOptions, describe_files
-from dscompile.targets.ort_cpu_isa import int8_weight_bits, weight_bits_note
+from dscompile.targets.ort_cpu_isa import REDUCED_BITS, int8_weight_bits, weight_bits_note
 from dscompile.targets.ort_cpu_qdq import INT4_BLOCK, Range, check_layer, lower_qdq
 
 MODEL_FILE = "model.onnx"
 THIS_CPU = "this-cpu"
+SATURATION_NOTE = (f"int8 weights at {REDUCED_BITS} bits (weights.int8_bits): this CPU's uint8 x int8 kernels saturate, "
+                   "and the layer measured closer to FP32 with them (weights.measured_error)")
+log = logging.getLogger("dscompile")
 
 _MATMUL_MENU = (FP32, INT8, INT8_DYNAMIC, INT4_WEIGHT, FP16)
 MENU = PrecisionMenu(
@@ -67,6 +74,35 @@ def _non_negative(node, weights: dict) -> bool:
 
     return float(numpy_helper.to_array(weights[node.input[1]])) >= 0
 
+
+
+def _int8_kinds(plan: QuantPlan, layers: list[Layer]) -> dict[str, str]:
+    """The int8 precision to measure each weighted layer at: its planned one where that is int8 or
+    int8_dynamic, else int8 where the plan measured its sensitivity (repair or a hand edit may move it there)."""
+    weighted = {lay.name for lay in layers if lay.weights}
+    out = {}
+    for lp in plan.layers:
+        if lp.name not in weighted:
+            continue
+        if lp.precision in (INT8, INT8_DYNAMIC):
+            out[lp.name] = lp.precision
+        elif INT8 in lp.sensitivity:
+            out[lp.name] = INT8
+    return out
+
+
+def _probe_ranges(plan: QuantPlan, kinds: dict[str, str], layers: list[Layer], table, graph: ModelGraph) -> dict:
+    """Ranges of the tensors each layer reads and writes at its probed precision (layers lacking one: none)."""
+    outs = {o.name for o in graph.model.graph.output}
+    consts = {t.name for t in graph.model.graph.initializer}
+    ranges = {}
+    for name, p in kinds.items():
+        one = replace(plan, layers=tuple(replace(lp, precision=p) for lp in plan.layers if lp.name == name))
+        try:
+            ranges.update(plan_ranges(one, layers, table, outs, consts))
+        except InputError:
+            continue
+    return {t: Range(*r) for t, r in ranges.items()}
 
 
 def _int4_matmuls(layers: list[Layer], precisions: dict[str, str]) -> bool:
@@ -153,10 +189,12 @@ class OrtCpuTarget:
             ranges = {t: Range(*r) for t, r in plan_ranges(plan, layers, table, outs, consts).items()}
             int4 = _int4_matmuls(layers, precisions)
             hessians = _int4_hessians(g.model, layers, options) if int4 else {}
-            model = lower_qdq(g.model, layers, precisions, ranges, hessians)
+            bits = {lp.name: int(planned_bits(lp)) for lp in plan.layers if lp.precision in (INT8, INT8_DYNAMIC)}
+            model = lower_qdq(g.model, layers, precisions, ranges, hessians, weight_bits=bits)
             exact = int8_weight_bits(this_cpu=(options.device or THIS_CPU) == THIS_CPU)
-            if any(p in (INT8, INT8_DYNAMIC) for p in precisions.values()) and weight_bits_note(exact):
-                notes["int8_weights"] = weight_bits_note(exact)
+            note = weight_bits_note(exact, {name: b for name, b in bits.items() if b != 8})
+            if bits and note:
+                notes["int8_weights"] = note
             if int4:
                 notes["int4_rounding"] = (f"gptq (input Hessians from {len(options.samples)} calibration samples)"
                                           if hessians else "as distilled" if not options.refit_weights
@@ -164,6 +202,28 @@ class OrtCpuTarget:
         files = save_model(model, stage / MODEL_FILE)
         roles = {f: ("model" if f == MODEL_FILE else "other") for f in files}
         return Artifact(self.name, options.device or THIS_CPU, stage, MODEL_FILE, describe_files(stage, roles), notes)
+
+    def refine_plan(self, graph: ModelGraph, plan: QuantPlan, table: CalibrationTable | None,
+                    feeds: Sequence[dict], threads: int | None = None) -> QuantPlan:
+        """Fewer weight bits on the int8 layers this CPU's saturating kernels hurt, measured layer by
+        layer (``ort_cpu_saturation.py``); the plan as it is where the deployment CPU is another one
+        or computes int8 exactly."""
+        if plan.device not in ("", THIS_CPU) or int8_weight_bits(this_cpu=True) == 8 or not feeds:
+            return plan
+        from dscompile.targets.ort_cpu_saturation import layer_errors, reduced_layers
+
+        g = prepared(graph)
+        layers = find_layers(g)
+        kinds = _int8_kinds(plan, layers)
+        errors = layer_errors(g.model, layers, kinds, _probe_ranges(plan, kinds, layers, table, g), feeds, threads)
+        reduced = reduced_layers(errors)
+        updates = {name: {"int8_bits": REDUCED_BITS if name in reduced else 8,
+                          "measured_error": {str(b): float(f"{v:.4g}") for b, v in e.items()}}
+                   for name, e in errors.items()}
+        log.info("int8 weights: %d of %d layers measured closer to FP32 with %d-bit codes on this CPU "
+                 "(no VNNI: its uint8 x int8 kernels saturate)", len(reduced), len(errors), REDUCED_BITS)
+        plan = plan.with_weights({k: v for k, v in updates.items() if k not in reduced})
+        return plan.with_weights({k: v for k, v in updates.items() if k in reduced}, SATURATION_NOTE)
 
     def runner(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
         return OrtRunner(artifact.primary_path, threads)

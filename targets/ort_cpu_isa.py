@@ -6,8 +6,8 @@ onnxruntime's x86 integer kernels multiply uint8 activations by int8 weights wit
 AVX2/AVX-512 CPUs without VNNI a MatMul or Conv silently clips (8 % error on a random 64x16 MatMul
 measured on an AMD EPYC Zen 3). onnxruntime's own quantizer has ``reduce_range`` for this: 7-bit
 weights (-63..63), whose pair sums stay under 32767. Arm's kernels widen before they add, and a
-VNNI CPU accumulates in int32. ``compiler/qdq.py`` and ``lower_qdq`` take the bits; builds use 8
-(see ``weight_bits_note``).
+VNNI CPU accumulates in int32. ``compiler/qdq.py`` and ``lower_qdq`` take the bits per layer; the
+plan says which (``ort_cpu_saturation.py`` chooses them by measurement on this CPU).
 """
 
 from __future__ import annotations
@@ -40,14 +40,19 @@ def int8_weight_bits(this_cpu: bool) -> int:
     return _this_cpu_bits() if this_cpu else 8
 
 
-def weight_bits_note(bits: int) -> str | None:
-    """The report's note where full-range int8 weights may saturate. The build keeps 8 bits: measured
-    on this project's Zen 3 VM, 7-bit weights (reduce_range) cost more than saturation did on the real
-    models (YOLOv8n box IoU 0.977 -> 0.938, PP-OCRv4 text match 0.958 -> 0.875, MiniLM pooled cosine
-    0.9973 -> 0.9966), as onnxruntime's documentation expects; the repair loop measures the built
-    model, saturation included."""
+def weight_bits_note(bits: int, reduced: dict[str, int] | None = None) -> str | None:
+    """The report's note where full-range int8 weights may saturate: which layers the plan gave
+    fewer bits (``ort_cpu_saturation.py`` measures each int8 layer both ways on this CPU and keeps
+    7 bits only where they are closer to FP32; 7 everywhere cost more than saturation on YOLOv8n,
+    PP-OCRv4 and MiniLM)."""
+    if reduced:
+        names = sorted(reduced)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return (f"{len(names)} int8 layer(s) with {min(reduced.values())}-bit weights ({shown}): this CPU's "
+                "uint8 x int8 kernels add two products into a saturating int16 (no VNNI), and those layers "
+                "measured closer to FP32 with fewer bits; the rest keep 8")
     if bits == 8:
         return None
     return ("this x86 CPU has no VNNI: onnxruntime's uint8 x int8 kernels add two products into a saturating "
-            "int16, so int8 layers may clip where inputs and weights are both large (the held-out fidelity "
-            f"above is measured with it); {bits}-bit weights would avoid it at a cost in resolution")
+            "int16; every int8 layer measured closer to FP32 with 8-bit weights than with 7 on the calibration "
+            "samples (or the plan was not measured on this CPU), and the held-out fidelity above includes it")

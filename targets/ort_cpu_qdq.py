@@ -17,6 +17,7 @@ MatMulNBits; fp16 (forced only) stores weights in half precision.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,15 +73,19 @@ def gemm_as_matmul(node: onnx.NodeProto) -> str | None:
 
 def lower_qdq(
     model: onnx.ModelProto, layers: list[Layer], precisions: dict[str, str], ranges: dict[str, Range],
-    hessians: dict[str, np.ndarray] | None = None, weight_bits: int = 8,
+    hessians: dict[str, np.ndarray] | None = None, weight_bits: int | Mapping[str, int] = 8,
 ) -> onnx.ModelProto:
     """The model with each layer lowered at ``precisions[layer.name]`` (missing: fp32).
 
     ``ranges`` holds the calibrated [lo, hi] of every activation tensor a static
     int8 layer reads or writes; ``hessians`` (input tensor -> X^T X, ``compiler/gptq.py``) makes
     int4 MatMul weights GPTQ-rounded where their input has one (round-to-nearest otherwise).
-    ``weight_bits``: the codes of int8 weights, 7 where the CPU needs reduce_range (targets/ort_cpu_isa.py).
+    ``weight_bits``: the codes of int8 weights, for every layer or per layer name (missing: 8); 7 where
+    the CPU's kernels saturate (targets/ort_cpu_isa.py, ort_cpu_saturation.py).
     """
+    def bits(name: str) -> int:
+        return weight_bits.get(name, 8) if isinstance(weight_bits, Mapping) else weight_bits
+
     ed = qdq.GraphEditor(model)
     index = GraphIndex.of(ed.model)
     nodes = {n.name: n for n in ed.graph.node}
@@ -90,7 +95,7 @@ def lower_qdq(
         qdq.add_activation_qdq(ed, tensor, scale, zp, "uint8")
     for lay in static:
         if lay.weights and lay.op != ACT_MATMUL:
-            _static_weights(ed, lay, nodes[lay.nodes[0]], params, weight_bits)
+            _static_weights(ed, lay, nodes[lay.nodes[0]], params, bits(lay.name))
     for lay in static:  # after the weights: removing nodes rebuilds the node list (``nodes`` goes stale)
         for name in lay.nodes:
             if nodes[name].op_type == "HardSwish":
@@ -101,7 +106,7 @@ def lower_qdq(
             node = nodes[lay.nodes[0]]
             qdq.replace_gather_block_quantized(ed, node, ed.weight(node.input[0]), 4 if p == INT4_WEIGHT else 8, EMBED_BLOCK)
         elif p == INT8_DYNAMIC:
-            _dynamic(ed, lay, nodes[lay.nodes[0]], weight_bits)
+            _dynamic(ed, lay, nodes[lay.nodes[0]], bits(lay.name))
         elif p == INT4_WEIGHT:
             _int4(ed, nodes[lay.nodes[0]], (hessians or {}).get(nodes[lay.nodes[0]].input[0]))
         elif p == FP16:
