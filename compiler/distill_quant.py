@@ -92,6 +92,8 @@ def weight_grid(precision: str, scheme: dict[str, Any], op: str, shape: tuple[in
     if not kind or kind == "fp32":
         kind = "int4_block_zero_point" if precision == INT4_WEIGHT else "int8_per_channel_symmetric"
     bits = int(scheme.get("bits", 4 if "int4" in kind else WEIGHT_BITS.get(precision, 8)))
+    if kind.startswith("int8") and "int8_bits" in scheme:  # the width the ort-cpu build gives the codes
+        bits = min(bits, int(scheme["int8_bits"]))
     axis = scheme.get("axis", default_weight_axis(op, shape, trans_b))
     axis = axis % len(shape) if axis is not None else None
     if "block" in kind:

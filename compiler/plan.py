@@ -19,6 +19,8 @@ from dscompile.errors import InputError
 from dscompile.fileio import write_json
 
 PLAN_FORMAT = "dscompile-plan/1"
+# weights entries that hold whatever precision a layer moves to (ort-cpu's measured int8 code width)
+PRECISION_FREE_WEIGHT_KEYS = ("int8_bits", "measured_error")
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,15 @@ class QuantPlan:
         return dict(sorted(counts.items()))
 
     def with_precision(self, name: str, precision: str, reason: str) -> QuantPlan:
-        layers = tuple(replace(lp, precision=precision, reason=reason) if lp.name == name else lp for lp in self.layers)
-        return replace(self, layers=layers)
+        """The layer moved to ``precision``; its weight scheme, written for the old precision, is dropped
+        (readers follow the precision where it is missing), measurements that hold for any precision stay."""
+        def moved(lp: LayerPlan) -> LayerPlan:
+            if lp.precision == precision:
+                return replace(lp, reason=reason)
+            return replace(lp, precision=precision, reason=reason,
+                            weights={k: v for k, v in lp.weights.items() if k in PRECISION_FREE_WEIGHT_KEYS})
+
+        return replace(self, layers=tuple(moved(lp) if lp.name == name else lp for lp in self.layers))
 
     def with_weights(self, updates: dict[str, dict[str, Any]], note: str = "") -> QuantPlan:
         """Each named layer's ``weights`` merged with its update (``note`` appended to its reason)."""

@@ -145,3 +145,18 @@ def test_the_cost_models_timing_build_folds_relu_into_the_integer_conv(digits, t
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 2 and "Relu" not in ops, ops
+
+
+def test_a_precision_change_drops_the_old_weight_scheme_and_keeps_measured_bits():
+    from dscompile.compiler.distill_quant import weight_grid
+    from dscompile.compiler.plan import LayerPlan, QuantPlan
+
+    lp = LayerPlan("mm", ("mm",), "MatMul", "int4_weight",
+                   weights={"scheme": "int4_block_zero_point", "bits": 4, "block_size": 128, "int8_bits": 7})
+    plan = QuantPlan("ort-cpu", "0" * 64, (lp,)).with_precision("mm", "int8_dynamic", "repair round 1")
+    moved = plan.layer("mm")
+    assert moved.weights == {"int8_bits": 7}  # not an int4 scheme on an int8 layer
+    grid = weight_grid(moved.precision, moved.weights, "MatMul", (64, 32))
+    assert grid.bits == 7 and grid.block_size == 0  # per channel, at the measured width
+    same = plan.with_precision("mm", "int8_dynamic", "again")
+    assert same.layer("mm").weights == {"int8_bits": 7} and same.layer("mm").reason == "again"
