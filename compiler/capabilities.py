@@ -106,6 +106,9 @@ class ActivationScheme:
     # Ops whose outputs are quantized over their whole observed range, not the method's threshold:
     # a bounded output (Softmax's probabilities) carries its signal in the peak a KL threshold clips.
     full_range_ops: tuple[str, ...] = ()
+    # > 0: a Softmax input's range starts this far below the smallest row maximum seen on the
+    # samples (the target cuts an additive attention mask there; compiler/ranges.py softmax_floors).
+    softmax_span: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,13 @@ from dscompile.compiler.capabilities import FP32, Layer, TargetCapabilities
 from dscompile.compiler.graph import ModelGraph
 from dscompile.compiler.layers import find_layers
 from dscompile.compiler.plan import STATIC_PRECISIONS, LayerPlan, QuantPlan, needed_tensors
-from dscompile.compiler.ranges import full_range_tensors, range_json, table_ranges
+from dscompile.compiler.ranges import (
+    apply_softmax_floors,
+    full_range_tensors,
+    range_json,
+    softmax_floors,
+    table_ranges,
+)
 from dscompile.compiler.sensitivity import Sensitivity, measure
 
 log = logging.getLogger("dscompile")
@@ -58,6 +64,9 @@ def make_plan(
     consts = {t.name for t in graph.model.graph.initializer}
     tensors = {t for lay in layers for t in needed_tensors(lay, outputs) if t not in consts}
     ranges = table_ranges(table, tensors, caps.activations, full_range_tensors(graph.model, caps.activations))
+    if caps.activations.softmax_span > 0:  # the target cuts Softmax inputs (attention masks): emulate the same ranges
+        floors = softmax_floors(graph.model, list(feeds), caps.activations.softmax_span, options.threads)
+        ranges = apply_softmax_floors(graph.model, ranges, floors)
     sens = measure(graph.model, layers, caps, ranges, list(feeds)[: options.sensitivity_samples],
                    options.threads, options.show_progress, fit_feeds=feeds if options.fit_weights else None)
     choices = [_choice(lay, caps, sens) for lay in layers]

@@ -106,6 +106,7 @@ class SnapdragonTarget:
 
     def capabilities(self, graph: ModelGraph, device: str, threads: int | None = None) -> TargetCapabilities:
         from dscompile.targets.tflite_cost import SnapdragonCost, structure_bytes, weight_channels
+        from dscompile.targets.tflite_ranges import SOFTMAX_SPAN
 
         profile = snapdragon_profile(device or DEFAULT_DEVICE)
         numerics = dict(DEFAULT_NUMERICS)
@@ -114,7 +115,8 @@ class SnapdragonTarget:
             numerics[p] = replace(numerics[p], gather_table="tensor")
         return TargetCapabilities(
             self.name, profile.id, MENU,
-            SnapdragonCost(profile, channels=weight_channels(graph.model), structure=structure_bytes(graph.model)), ActivationScheme(method="minmax", symmetric=False),
+            SnapdragonCost(profile, channels=weight_channels(graph.model), structure=structure_bytes(graph.model)),
+            ActivationScheme(method="minmax", symmetric=False, softmax_span=SOFTMAX_SPAN),
             numerics, None, REASONS,
         )
 

@@ -38,6 +38,7 @@ RANGE_PRESERVING = {
 }
 # Ops whose output range is fixed by the op itself (TFLite's int8 kernels fix their output scale too).
 FIXED_OUTPUT_RANGE = {"SOFTMAX": (0.0, 1.0), "LOGISTIC": (0.0, 1.0), "TANH": (-1.0, 1.0)}
+_WEIGHTED_NODES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL", "EMBEDDING_LOOKUP"}
 
 
@@ -71,7 +72,15 @@ def _has_weight(graph: TflGraph, op: TflOp) -> bool:
 
 
 def op_layers(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str]) -> dict[int, str]:
-    """TFLite op -> plan layer, by the ONNX producers of the tensors it outputs."""
+    """TFLite op -> plan layer, by the ONNX producers of the tensors it outputs.
+
+    A weight op whose output is a bias Add's is a fused pair: onnx2tf folds a MatMul and the Add
+    after it into one FULLY_CONNECTED, whose output is the Add's (paddle2onnx and Hugging Face
+    exports write linear layers that way, the bias often in a Constant node). It belongs to the
+    MatMul's layer (``_fused_weight_layers``). Mapped by its output alone, it took the Add's layer
+    (or, the Add in no layer, its consumer's) and that layer's precision: a plan's int4 or int16x8
+    MatMul stayed float32 (PP-OCRv4: 4 MatMuls, 346 kB over the plan's predicted bytes).
+    """
     producer = {o: n.name for n in model.graph.node for o in n.output}
     out: dict[int, str] = {}
     for op in graph.ops:
@@ -79,6 +88,7 @@ def op_layers(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_lay
                 for o in tmap.tflite_to_onnx.get(graph.tensors[i].name, ())]
         hits = [h for h in hits if h]
         out[op.index] = hits[0] if hits else ""
+    _fused_weight_layers(graph, tmap, model, node_layer, out)
     consumers = graph.consumers()
     for op in graph.ops:  # weight ops with no ONNX twin join their single consumer's layer
         if out[op.index] or not _has_weight(graph, op) or len(op.outputs) != 1:
@@ -88,6 +98,33 @@ def op_layers(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_lay
             out[op.index] = out[users[0].index]
     _by_input(graph, tmap, model, node_layer, out)
     return out
+
+
+def _fused_weight_layers(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str],
+                         out: dict[int, str]) -> None:
+    """Weight ops whose output is an Add's that a weighted node (MatMul, Gemm, Conv) feeds take that node's
+    layer, when exactly one such layer does and no other weight op holds it."""
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    consts = {t.name for t in model.graph.initializer}
+    weighted = {node_layer[n.name] for n in model.graph.node
+                if n.op_type in _WEIGHTED_NODES and len(n.input) > 1 and n.input[1] in consts and node_layer.get(n.name)}
+    ops = [op for op in graph.ops if _has_weight(graph, op)]
+    taken = {out[op.index] for op in ops if out[op.index] in weighted}
+    for op in ops:
+        if out[op.index] in weighted:
+            continue
+        found = set()
+        for o in (o for t in op.outputs if t >= 0 for o in tmap.tflite_to_onnx.get(graph.tensors[t].name, ())):
+            node = nodes.get(producer.get(o, ""))
+            for x in node.input if node is not None and node.op_type == "Add" else ():
+                up = nodes.get(producer.get(x, ""))
+                if up is not None and up.op_type in _WEIGHTED_NODES and node_layer.get(up.name) in weighted:
+                    found.add(node_layer[up.name])
+        found -= taken
+        if len(found) == 1:
+            out[op.index] = found.pop()
+            taken.add(out[op.index])
 
 
 def _by_input(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_layer: Mapping[str, str],
@@ -101,7 +138,7 @@ def _by_input(graph: TflGraph, tmap: TensorMap, model: onnx.ModelProto, node_lay
     taken = {out[op.index] for op in graph.ops if out[op.index] and _has_weight(graph, op)}
     readers: dict[str, list[str]] = {}
     for n in model.graph.node:
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.input and node_layer.get(n.name):
+        if n.op_type in _WEIGHTED_NODES and n.input and node_layer.get(n.name):
             readers.setdefault(n.input[0], []).append(node_layer[n.name])
     for op in graph.ops:
         if out[op.index] or not _has_weight(graph, op):

@@ -135,3 +135,33 @@ def test_int16x8_attention_with_padding_mask_runs(masked, tmp_path):
             "r(**{k: np.zeros(v['shape'], v['dtype']) for k, v in r.get_input_details().items()})\n")
     assert subprocess.run([sys.executable, "-c", code, str(art.primary_path)], capture_output=True).returncode == 0
     assert pooled_cosine(graph, target.runner(art), test) > 0.98
+
+
+def test_dmpq_emulates_the_softmax_floors(masked):
+    """DMPQ's emulator quantizes the mask's sum on the ranges the build uses (cut at the softmax
+    floor), not the table's [-10000, x]: the scores + mask Add costs little at int8. Before, its
+    int8 sensitivity was that of a uniform attention (all-MiniLM-L6-v2: DMPQ kept 12 such Adds fp32)."""
+    from dataclasses import replace
+
+    from dscompile.compiler.capabilities import INT8
+    from dscompile.compiler.dmpq import PlanOptions, make_plan
+    from dscompile.compiler.normalize import prepared
+
+    graph, table, calib, _ = masked
+    g = prepared(graph)
+    caps = get_target("snapdragon").capabilities(g, DEVICE)
+    assert caps.activations.softmax_span > 0
+    softmax_in = {n.input[0] for n in g.model.graph.node if n.op_type == "Softmax"}
+    options = PlanOptions(sensitivity_samples=8, show_progress=False)
+
+    def mask_add(c):
+        plan = make_plan(g, c, table, calib[:8], options)
+        nodes = {n.name: n for n in g.model.graph.node}
+        return next(lp for lp in plan.layers if lp.op == "Add" and softmax_in & set(nodes[lp.nodes[-1]].output))
+
+    floored = mask_add(caps)
+    table_only = mask_add(replace(caps, activations=replace(caps.activations, softmax_span=0.0)))
+    lows = [r["min"] for r in floored.activations["ranges"].values()]
+    assert min(r["min"] for r in table_only.activations["ranges"].values()) < -9000
+    assert all(lo > -200 for lo in lows), floored.activations["ranges"]
+    assert floored.sensitivity[INT8] < 0.1 * table_only.sensitivity[INT8], (floored.sensitivity, table_only.sensitivity)
