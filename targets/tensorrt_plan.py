@@ -61,16 +61,34 @@ def int8_unfit(layer: Layer, graph: ModelGraph, index: GraphIndex, shapes: dict)
 
 
 _FUSED_ONLY = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
+# Ops TensorRT moves Q/DQ across (layout, slicing, nearest resize) or runs in INT8 beside a Q/DQ (the ops above)
+_PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Identity", "Resize",
+                 *_FUSED_ONLY)
+_GEMM_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def int8_output_unfit(layer: Layer, outputs: frozenset[str]) -> str:
-    """Why an Add/Concat/pool writing a model output gains nothing from INT8 ('' otherwise): no INT8
-    layer follows to fuse with, so TensorRT would only round the output (Model Optimizer leaves outputs
-    float). YOLOv8's output Concat joins boxes (0..320) and class scores (0..1) under one scale: INT8
-    zeroes every score."""
-    if layer.op in _FUSED_ONLY and outputs.intersection(layer.outputs):
+def int8_output_unfit(layer: Layer, index: GraphIndex) -> str:
+    """Why an Add/Concat/pool gains nothing from INT8 ('' otherwise). TensorRT runs such an op in INT8 to keep
+    the tensor INT8 up to the conv or GEMM that reads it; where no Conv/Gemm/MatMul reads its output (through
+    layout ops and other such ops), its Q/DQ only rounds, and a Concat's one shared scale rounds its small-range
+    inputs hardest (Model Optimizer leaves these float). A model output: YOLOv8's output Concat joins boxes
+    (0..320) and class scores (0..1), INT8 zeroes every score. YOLOv8's per-scale head Concats join 64 box-
+    distance logits and the class logits and go to Reshape -> Softmax / Sigmoid: in INT8 they cost top-10 box
+    IoU 0.892 -> 0.925 against FP32 (nudenet YOLOv8n-320, 32 held-out photos)."""
+    if layer.op not in _FUSED_ONLY:
+        return ""
+    if index.graph_outputs.intersection(layer.outputs):
         return f"{layer.op} writes the model output {layer.outputs[0]!r}: no INT8 layer follows to fuse with"
-    return ""
+    seen: set[str] = set()
+    todo = list(layer.outputs)
+    while todo:
+        for node in index.consumers.get(todo.pop(), []):
+            if node.op_type in _GEMM_OPS:
+                return ""
+            if node.op_type in _PASS_THROUGH and node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.output)
+    return f"{layer.op} output {layer.outputs[0]!r} reaches no Conv/Gemm/MatMul: INT8 would only round it"
 
 
 def reference_precision(layer: Layer, menu: tuple[str, ...]) -> str:
@@ -102,7 +120,7 @@ def _choose(layer: Layer, graph: ModelGraph, table: CalibrationTable | None, ind
     missing = [t for t in layer.inputs if t not in table.tensors]
     if missing:
         return fallback, f"no calibration range for {missing[0]!r}"
-    why = int8_unfit(layer, graph, index, shapes) or int8_output_unfit(layer, index.graph_outputs)
+    why = int8_unfit(layer, graph, index, shapes) or int8_output_unfit(layer, index)
     if why:
         return fallback, why
     return INT8, "no plan: calibrated INT8"
