@@ -20,7 +20,7 @@ from dscompile.calibration.table import CalibrationTable, write_trt_cache
 from dscompile.compiler.capabilities import INT8, Cost, Layer, TargetCapabilities
 from dscompile.compiler.fp16_emulate import emulate_fp16
 from dscompile.compiler.graph import ModelGraph, static_shapes
-from dscompile.compiler.layers import GraphIndex
+from dscompile.compiler.layers import GraphIndex, find_layers
 from dscompile.compiler.normalize import prepared
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan
@@ -35,6 +35,7 @@ from dscompile.targets.tensorrt_plan import (
     MENU,
     NUMERICS,
     default_plan,
+    gemm_outputs,
     int8_output_unfit,
     reference_precision,
 )
@@ -132,9 +133,10 @@ class TensorRTTarget:
         # The rule checker's verdicts per layer: DMPQ never picks a precision TensorRT refuses or runs no faster.
         verdicts = layer_verdicts(graph, release_for_device(device), self.name)
         index = GraphIndex.of(graph.model)
+        fused = gemm_outputs(find_layers(graph))
 
         def advise(layer: Layer, precision: str) -> str | None:
-            return verdicts.advise(layer, precision) or (int8_output_unfit(layer, index) if precision == INT8 else "") or None
+            return verdicts.advise(layer, precision) or (int8_output_unfit(layer, index, fused) if precision == INT8 else "") or None
 
         caps = TargetCapabilities(self.name, device, MENU, RooflineCost(device), ACTIVATIONS,
                                   NUMERICS, check=verdicts.check, advice=advise)
