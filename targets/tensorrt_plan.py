@@ -97,9 +97,12 @@ def int8_output_unfit(layer: Layer, index: GraphIndex, gemm_outputs: frozenset[s
 
 
 def _through_layout(index: GraphIndex, tensor: str) -> str:
-    """The tensor a chain of layout-only ops starts from."""
+    """The tensor a chain of layout-only ops and bias Adds (one constant input) starts from."""
     for _ in range(4):
         p = index.producer.get(tensor)
+        if p is not None and p.op_type == "Add" and len(p.input) == 2 and sum(map(index.is_constant, p.input)) == 1:
+            tensor = next(i for i in p.input if not index.is_constant(i))
+            continue
         if p is None or p.op_type not in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
             break
         tensor = p.input[0]
