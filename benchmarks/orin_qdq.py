@@ -15,9 +15,10 @@ and the same held-out samples (never calibrated on), it builds:
   child process (it patches onnxruntime's quantization module). It takes one stacked array per
   input, so variable-shape samples are padded for it the way its users pad them: text lines to the
   widest with white, token ids to the longest with attention_mask 0.
-Both outputs run the same way, as the jetson-orin target verifies its own: onnxruntime CPU, default
-graph optimizations but QDQPropagationTransformer, FP16 tensors rounded where produced
-(compiler/fp16_emulate.py). Printed per model: task fidelity vs FP32 (as in dmpq_vs_peers.py),
+Both outputs run the same way, as the jetson-orin target verifies its own: onnxruntime CPU with its
+QDQ fusion off (session.disable_quant_qdq: DQ -> float op -> Q, the arithmetic TensorRT's int32
+accumulation computes; onnxruntime's x86 integer kernels saturate on CPUs without VNNI), other
+graph optimizations on, FP16 tensors rounded where produced (compiler/fp16_emulate.py). Printed per model: task fidelity vs FP32 (as in dmpq_vs_peers.py),
 output cosine, Q/DQ node counts, weighted layers (Conv/Gemm/MatMul) in INT8, INT4 weight-only and
 left in FP16/FP32, the rule checker's findings on each, and the layers whose placement differs.
 Goal: our fidelity >= Model Optimizer's with the same or fewer FP16/FP32 layers. Fidelity is not
@@ -46,11 +47,10 @@ import peers  # noqa: E402
 from bench_models import BenchModel, real_models, zoo_models  # noqa: E402
 from dmpq_vs_peers import fidelity  # noqa: E402
 
-from dscompile.compiler.fp16_emulate import emulate_fp16  # noqa: E402
 from dscompile.compiler.graph import static_shapes  # noqa: E402
 from dscompile.compiler.layers import GraphIndex  # noqa: E402
 from dscompile.compiler.runtime import ort_session  # noqa: E402
-from dscompile.targets.tensorrt import ORT_SKIPPED_OPTIMIZERS  # noqa: E402
+from dscompile.targets.tensorrt import verification_session  # noqa: E402
 from dscompile.targets.tensorrt_rules import check_model, int8_anchor  # noqa: E402
 from dscompile.targets.tensorrt_versions import release_for_device  # noqa: E402
 
@@ -60,9 +60,11 @@ Feed = dict[str, np.ndarray]
 
 
 def run(path: Path, feeds: list[Feed], reference: bool = False) -> list[list[np.ndarray]]:
+    """Both tools' Q/DQ models through the session the jetson-orin target verifies with (fake-quant
+    arithmetic, as TensorRT's int32 accumulation computes it; not onnxruntime's x86 integer kernels,
+    which saturate without VNNI: targets/tensorrt.py)."""
     model = onnx.load(str(path))
-    sess = ort_session(model if reference else emulate_fp16(model), threads=1,
-                       disabled_optimizers=() if reference else ORT_SKIPPED_OPTIMIZERS)
+    sess = ort_session(model, threads=1) if reference else verification_session(model, threads=1)
     names = {i.name for i in sess.get_inputs()}
     return [sess.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds]
 
@@ -214,7 +216,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dscompile-bench")
     ap.add_argument("--only", help="run only models whose name contains one of these (comma-separated)")
-    ap.add_argument("--keep", type=Path, help="keep dscompile's output folder of each model under this folder")
+    ap.add_argument("--keep", type=Path, help="keep dscompile's output folder of each model under this folder "
+                    "(Model Optimizer's model in it as modelopt.qdq.onnx)")
     ap.add_argument("--calib", type=int, default=64, help="calibration samples (dscompile holds 16 of them out)")
     ap.add_argument("--held-out", type=int, default=32)
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
@@ -234,7 +237,10 @@ def main() -> None:
             rows.append(bench(m, args.calib, args.held_out, work, "" if ok else why))
             if args.keep and (work / "ours").exists():
                 args.keep.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(work / "ours", args.keep / m.name.split()[0].replace("/", "_"), dirs_exist_ok=True)
+                kept = args.keep / m.name.split()[0].replace("/", "_")
+                shutil.copytree(work / "ours", kept, dirs_exist_ok=True)
+                if (work / "modelopt.onnx").exists():  # Model Optimizer's output beside ours, for ablations
+                    shutil.copy2(work / "modelopt.onnx", kept / "modelopt.qdq.onnx")
             shutil.rmtree(work, ignore_errors=True)
     print(f"onnxruntime CPU, 1 thread, this machine; device profile {DEVICE}; versions {peers.describe()}")
     print(table(rows))

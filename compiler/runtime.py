@@ -14,8 +14,12 @@ from dscompile.errors import InputError
 Feed = dict[str, np.ndarray]
 
 
-def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimize: bool = True,
+                    config: tuple[tuple[str, str], ...] = ()) -> ort.SessionOptions:
+    """``config``: onnxruntime session config entries (key, value), e.g. ``session.disable_quant_qdq``."""
     so = ort.SessionOptions()
+    for key, value in config:
+        so.add_session_config_entry(key, value)
     so.log_severity_level = 4  # its errors reach the user as our one line, not also as its own log line
     if threads:
         so.intra_op_num_threads = threads
@@ -27,16 +31,18 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
 
 def ort_session(
     model: onnx.ModelProto | str | os.PathLike, threads: int | None = None, optimize: bool = True,
-    disabled_optimizers: tuple[str, ...] = (),
+    disabled_optimizers: tuple[str, ...] = (), config: tuple[tuple[str, str], ...] = (),
 ) -> ort.InferenceSession:
-    """A CPU session; ``disabled_optimizers`` names graph transformers to skip (onnxruntime's names)."""
+    """A CPU session; ``disabled_optimizers`` names graph transformers to skip (onnxruntime's names),
+    ``config`` is session config entries (key, value)."""
+    options = session_options(threads, optimize, config)
     try:
         if isinstance(model, (str, Path)):
-            return ort.InferenceSession(str(model), session_options(threads, optimize), providers=["CPUExecutionProvider"],
+            return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=list(disabled_optimizers))
         from dscompile.compiler.onnx_io import new_session
 
-        return new_session(model, session_options(threads, optimize), disabled_optimizers=disabled_optimizers)
+        return new_session(model, options, disabled_optimizers=disabled_optimizers)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0][:300]
         raise InputError(f"onnxruntime cannot load the model: {text}") from None

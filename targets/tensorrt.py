@@ -20,6 +20,7 @@ from dscompile.calibration.table import CalibrationTable, write_trt_cache
 from dscompile.compiler.capabilities import INT8, Cost, Layer, TargetCapabilities
 from dscompile.compiler.fp16_emulate import emulate_fp16
 from dscompile.compiler.graph import ModelGraph, static_shapes
+from dscompile.compiler.layers import GraphIndex, find_layers
 from dscompile.compiler.normalize import prepared
 from dscompile.compiler.onnx_io import save_model
 from dscompile.compiler.plan import QuantPlan
@@ -34,6 +35,7 @@ from dscompile.targets.tensorrt_plan import (
     MENU,
     NUMERICS,
     default_plan,
+    gemm_outputs,
     int8_output_unfit,
     reference_precision,
 )
@@ -73,32 +75,42 @@ class RooflineCost:
         return layer_cost(self.profile, layer, precision)
 
 
-# onnxruntime >= 1.2x's QDQPropagationTransformer copies Q/DQ past MaxPool/Reshape/Transpose/... and, at
-# opset >= 21, writes output_dtype=INT8 on the Q it inserts (microsoft/onnxruntime PR #28144, the fix
-# of #27845); the x86 QDQS8ToU8Transformer then turns the shared zero point into UINT8 without
-# touching output_dtype, and session creation fails ("output_dtype INT8 does not match y_zero_point
-# type UINT8"; same family: #28491 / PR #28521, #25526). The propagation only re-quantizes a value
-# already on the grid (max, reshape and transpose keep int8 codes exact), so skipping it changes no
-# number; every other default optimization (QDQ fusion into integer kernels, as TensorRT fuses) runs.
-ORT_SKIPPED_OPTIMIZERS = ("QDQPropagationTransformer",)
+# What TensorRT computes for DQ -> Conv/Gemm/MatMul -> Q: int8 x int8 products accumulated in int32,
+# rescaled in float, i.e. the Q/DQ graph's fake-quant arithmetic up to rounding. onnxruntime's default
+# optimizations instead fuse the Q/DQ into its own integer kernels (QDQSelectorActionTransformer; on x86
+# QDQS8ToU8Transformer first makes int8 activations uint8 with zero point 128), and on an x86 CPU without
+# VNNI those multiply with vpmaddubsw, which adds each pair of uint8 x int8 products into a saturating int16
+# (targets/ort_cpu_isa.py): a layer whose inputs and weights are both large clips, which TensorRT never does
+# (a constructed conv: 57 % error on an AMD EPYC Zen 3, tests/test_tensorrt_numerics.py). So verification
+# turns every QDQ transformer off ("session.disable_quant_qdq": also QDQPropagationTransformer,
+# WeightBiasQuantization, EnsureUniqueDQForNodeUnit; onnxruntime's graph_transformer_utils.cc) and runs
+# DQ -> float op -> Q as written; the float fusions and constant folding (of weight DQs too: exact) stay.
+# It also avoids the opset-21 failure of the propagation (PR #28144 writes output_dtype=INT8 on the Q it
+# inserts past MaxPool/Reshape, QDQS8ToU8Transformer then flips the zero point to UINT8: "output_dtype INT8
+# does not match y_zero_point type UINT8"; #27845, #28491 / PR #28521, #25526).
+ORT_SESSION_CONFIG = (("session.disable_quant_qdq", "1"),)
+
+
+def verification_session(model: onnx.ModelProto, threads: int | None = None):
+    """The onnxruntime session that stands in for TensorRT: Q/DQ as fake-quant arithmetic (see
+    ``ORT_SESSION_CONFIG``), every FP16 tensor rounded where produced (compiler/fp16_emulate.py:
+    onnxruntime's CPU would otherwise run FP16 layers in FP32 and hide their error)."""
+    return ort_session(emulate_fp16(model), threads, config=ORT_SESSION_CONFIG)
 
 
 class TensorRTRunner(OrtRunner):
-    """onnxruntime on model.qdq.onnx: the same Q/DQ and FP16 arithmetic TensorRT executes.
-
-    Default graph optimizations except ``ORT_SKIPPED_OPTIMIZERS`` (see the comment there); FP16
-    tensors rounded where produced (compiler/fp16_emulate.py: onnxruntime's CPU would otherwise run
-    FP16 layers in FP32 and hide their error).
-    """
+    """onnxruntime on model.qdq.onnx: the same Q/DQ and FP16 arithmetic TensorRT executes
+    (``verification_session``)."""
 
     def __init__(self, model: Path | str, threads: int | None = None) -> None:
         self.threads = threads
-        self.session = ort_session(emulate_fp16(onnx.load(str(model))), threads, disabled_optimizers=ORT_SKIPPED_OPTIMIZERS)
+        self.session = verification_session(onnx.load(str(model)), threads)
 
     def where(self) -> str:
-        return (f"{super().where()}, default graph optimizations but QDQPropagationTransformer, running "
-                f"{MODEL_FILE} in place of TensorRT: its Q/DQ, and every FP16 tensor rounded to FP16 where produced "
-                "(computed in FP32; TensorRT's kernels differ by rounding and accumulation)")
+        return (f"{super().where()}, running {MODEL_FILE} in place of TensorRT: its Q/DQ as fake-quant arithmetic "
+                "(onnxruntime's QDQ fusion off: its x86 integer kernels without VNNI saturate, TensorRT accumulates "
+                "int8 in int32), every FP16 tensor rounded to FP16 where produced (computed in FP32; TensorRT's "
+                "kernels differ by rounding and accumulation)")
 
 
 def tensorrt_importable() -> bool:
@@ -120,10 +132,11 @@ class TensorRTTarget:
     def capabilities(self, graph: ModelGraph, device: str) -> TargetCapabilities:
         # The rule checker's verdicts per layer: DMPQ never picks a precision TensorRT refuses or runs no faster.
         verdicts = layer_verdicts(graph, release_for_device(device), self.name)
-        outputs = frozenset(o.name for o in graph.model.graph.output)
+        index = GraphIndex.of(graph.model)
+        fused = gemm_outputs(find_layers(graph))
 
         def advise(layer: Layer, precision: str) -> str | None:
-            return verdicts.advise(layer, precision) or (int8_output_unfit(layer, outputs) if precision == INT8 else "") or None
+            return verdicts.advise(layer, precision) or (int8_output_unfit(layer, index, fused) if precision == INT8 else "") or None
 
         caps = TargetCapabilities(self.name, device, MENU, RooflineCost(device), ACTIVATIONS,
                                   NUMERICS, check=verdicts.check, advice=advise)

@@ -123,3 +123,60 @@ def test_absent_class_slice_does_not_dominate_nmse():
     boxes = ref.copy()
     boxes[:, :4] += 3.0  # three pixels off every box: that is what must count
     assert nmse(ref, boxes) > 100 * nmse(ref, noise)
+
+
+def _concats(path) -> str:
+    """x -> conv a, conv b -> Concat 'c2f_cat' -> conv c -> Concat 'head_cat'(c, a) -> Reshape -> Sigmoid: the
+    first Concat feeds a conv (as YOLOv8's C2f blocks), the second only an activation (as its per-scale head
+    Concats of box logits and class logits)."""
+    rng = np.random.default_rng(0)
+    w = {name: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+         for name, shape in (("wa", (4, 2, 1, 1)), ("wb", (4, 2, 1, 1)), ("wc", (4, 8, 1, 1)))}
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], "conv_a"), helper.make_node("Conv", ["x", "wb"], ["b"], "conv_b"),
+             helper.make_node("Concat", ["a", "b"], ["ab"], "c2f_cat", axis=1),
+             helper.make_node("Conv", ["ab", "wc"], ["c"], "conv_c"),
+             helper.make_node("Concat", ["c", "a"], ["ca"], "head_cat", axis=1),
+             helper.make_node("Reshape", ["ca", "flat"], ["r"], "head_reshape"),
+             helper.make_node("Sigmoid", ["r"], ["y"], "head_sigmoid"),
+             # a box-decode Add of two activations (x1y1 + x2y2) and
+             # a transformer's residual: tokens -> MatMul -> bias Add -> Add(tokens) (-> LayerNorm, no GEMM)
+             helper.make_node("Reshape", ["a", "tok_shape"], ["a3"], "tok_reshape"),
+             helper.make_node("Transpose", ["a3"], ["tok"], "tok_transpose", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["tok", "wm"], ["mm"], "dense"),
+             helper.make_node("Add", ["mm", "bm"], ["mmb"], "dense_bias"),
+             helper.make_node("Add", ["mmb", "tok"], ["res"], "residual_add"), helper.make_node("Relu", ["res"], ["y2"], "res_relu"),
+             helper.make_node("Sigmoid", ["a"], ["sa"], "sig_a"), helper.make_node("Sigmoid", ["b"], ["sb"], "sig_b"),
+             helper.make_node("Add", ["sa", "sb"], ["dec"], "decode_add"), helper.make_node("Relu", ["dec"], ["y3"], "dec_relu")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64]),
+                           helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 64, 4]),
+                           helper.make_tensor_value_info("y3", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [*w.values(), numpy_helper.from_array(np.array([1, 8, 64], np.int64), "flat"),
+                           numpy_helper.from_array(np.array([1, 4, 64], np.int64), "tok_shape"),
+                           numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "wm"),
+                           numpy_helper.from_array(np.full(4, 0.5, np.float32), "bm")])
+    out = str(path / "concats.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), out)
+    return out
+
+
+def test_concat_feeding_no_conv_stays_float(tmp_path):
+    """A Concat whose output reaches no Conv/Gemm/MatMul gains nothing from INT8 (TensorRT would only round
+    it; its shared scale rounds the smaller-range input hardest): YOLOv8n's head Concats in INT8 cost top-10
+    box IoU 0.892 -> 0.925. A Concat feeding a conv stays INT8, and so does a residual Add on a weighted layer's output."""
+    graph = prepared(ingest(_concats(tmp_path), IngestOptions()).graph)
+    caps = TARGET.capabilities(graph, "jetson-agx-orin-64gb")
+    layers = {lay.name: lay for lay in find_layers(graph)}
+    assert INT8 in caps.layer_menu(layers["c2f_cat"])
+    assert INT8 not in caps.layer_menu(layers["head_cat"])
+    assert INT8 in caps.layer_menu(layers["residual_add"])  # fused into the dense layer's epilogue
+    assert INT8 not in caps.layer_menu(layers["decode_add"])  # YOLOv8's x1y1 + x2y2 in pixels: 0.925 -> 0.939
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 2, 8, 8)).astype(np.float32)} for i in range(8)]
+    table = calibrate(graph.model, feeds, model_sha256=graph.sha256, data_sha256="t", progress=False)
+    plan = default_plan(graph, table, "jetson-orin", "jetson-agx-orin-64gb")
+    assert plan.layer("c2f_cat").precision == INT8 and plan.layer("head_cat").precision != INT8
+    model, _ = lower_plan(graph, plan, table)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    cat = {n.name: n for n in model.graph.node if n.op_type == "Concat"}
+    assert all(producer.get(t) == "DequantizeLinear" for t in cat["c2f_cat"].input)
+    assert not any(producer.get(t) == "DequantizeLinear" for t in cat["head_cat"].input)

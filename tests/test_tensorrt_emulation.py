@@ -15,15 +15,13 @@ import pytest
 from dscompile.calibration.collect import calibrate
 from dscompile.compiler.capabilities import FP32, INT4_WEIGHT, INT8
 from dscompile.compiler.emulate import build_emulator
-from dscompile.compiler.fp16_emulate import emulate_fp16
 from dscompile.compiler.ingest import IngestOptions, ingest
 from dscompile.compiler.layers import find_layers
 from dscompile.compiler.plan import LayerPlan, QuantPlan, needed_tensors
 from dscompile.compiler.ranges import full_range_tensors, table_ranges
-from dscompile.compiler.runtime import ort_session
 from dscompile.compiler.sensitivity import _cases, _Runner, nmse
 from dscompile.planning import prepared
-from dscompile.targets.tensorrt import ORT_SKIPPED_OPTIMIZERS, TARGET
+from dscompile.targets.tensorrt import TARGET, verification_session
 from dscompile.targets.tensorrt_qdq import lower_plan
 
 DEVICE = "jetson-agx-orin-64gb"
@@ -60,7 +58,7 @@ def _compare(zoo, name: str, precision: str) -> list[tuple[str, float, float]]:
             LayerPlan(x.name, x.nodes, x.op, precision if x is lay else FP32,
                       weights={"block_size": caps.numerics[precision].block_size}) for x in layers))
         model, _ = lower_plan(graph, plan, table)
-        sess = ort_session(emulate_fp16(model), 1, disabled_optimizers=ORT_SKIPPED_OPTIMIZERS)
+        sess = verification_session(model, 1)
         lowered = _error(refs, [sess.run(None, f) for f in held])
         rows.append((lay.name, emulated, lowered))
     return rows
