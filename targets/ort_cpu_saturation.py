@@ -92,10 +92,10 @@ def _captured(model: onnx.ModelProto, names: list[str], feeds: Sequence[Feed], t
     graph_inputs = {i.name for i in model.graph.input}
     inner = [n for n in names if n not in graph_inputs]
     sess = ort_session(with_outputs(prefix(model, inner), inner), threads, optimize=False) if inner else None
+    wanted = {i.name for i in sess.get_inputs()} if sess else set()
     out = []
     for feed in feeds:
-        got = dict(zip(inner, sess.run(inner, {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}}),
-                       strict=True)) if sess else {}
+        got = dict(zip(inner, sess.run(inner, {k: v for k, v in feed.items() if k in wanted}), strict=True)) if sess else {}
         out.append({n: (feed[n] if n in graph_inputs else got[n]) for n in names})
     return out
 
