@@ -12,6 +12,7 @@ mem_bandwidth_gbps of profiles/devices/<device>.toml.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from dscompile.compiler.samples import synthetic_feeds
 
 log = logging.getLogger("dscompile")
 PROFILE_RUNS = 30
+WARMUP_RUNS = 3
 # Figures an estimate reads from a CPU's device profile (profiles/devices/*.toml).
 # (figure, multiplier to ops/s or bytes/s); weight-only and fp16-stored layers compute in fp32 on a CPU.
 PEAK_FIGURE = {FP32: ("peak_fp32_tflops", 1e12), FP16: ("peak_fp32_tflops", 1e12), INT8: ("peak_int8_tops", 1e12),
@@ -175,11 +177,10 @@ class OrtCpuCost:
 
 
 def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[str, float]:
-    """Mean kernel time (ms) per optimised node name over PROFILE_RUNS runs."""
+    """Median kernel time (ms) per optimised node name over PROFILE_RUNS runs (after WARMUP_RUNS)."""
 
     from dscompile.compiler.runtime import session_options
 
-    runs = 3 + PROFILE_RUNS
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads)
         so.enable_profiling = True
@@ -188,15 +189,30 @@ def _profile(model: onnx.ModelProto, feed: dict, threads: int | None) -> dict[st
         sess = new_session(model, so)
         names = {i.name for i in sess.get_inputs()}
         f = {k: v for k, v in feed.items() if k in names}
-        for _ in range(runs):
+        for _ in range(WARMUP_RUNS + PROFILE_RUNS):
             sess.run(None, f)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    times: dict[str, float] = {}
+    return node_times(events, WARMUP_RUNS)
+
+
+def node_times(events: list[dict], warmup: int) -> dict[str, float]:
+    """Per node, the median over runs of its kernel time (ms), the first ``warmup`` runs left out.
+
+    The median, not the mean: on a shared machine one preempted run puts a spike of milliseconds on
+    whichever node it hit, and a mean made identical layers differ by 3-20x (all-MiniLM-L6-v2's 24
+    same-shape projections measured 0.058-0.19 ms at fp32 and up to 1.2 ms at int4 under load).
+    Runs are told apart by onnxruntime's ``model_run`` events; a node that runs several times in
+    one (inside a loop) has those times summed.
+    """
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    per_run: dict[str, list[float]] = {}
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            name = e["name"][: -len("_kernel_time")]
-            times[name] = times.get(name, 0.0) + e.get("dur", 0) / 1e3 / runs
-    return times
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        run = max(bisect.bisect_right(starts, e.get("ts", 0)) - 1, 0)
+        runs = per_run.setdefault(e["name"][: -len("_kernel_time")], [0.0] * max(len(starts), 1))
+        runs[run] += e.get("dur", 0) / 1e3
+    return {name: float(np.median(runs[warmup:] or runs)) for name, runs in per_run.items()}
 
 
 def _attribute(times: dict[str, float], owners: dict[str, str]) -> dict[str, float]:

@@ -160,3 +160,28 @@ def test_a_precision_change_drops_the_old_weight_scheme_and_keeps_measured_bits(
     assert grid.bits == 7 and grid.block_size == 0  # per channel, at the measured width
     same = plan.with_precision("mm", "int8_dynamic", "again")
     assert same.layer("mm").weights == {"int8_bits": 7} and same.layer("mm").reason == "again"
+
+
+def test_profiled_latency_is_a_median_a_preempted_run_does_not_move(digits):
+    import json as _json
+    import tempfile
+    from pathlib import Path
+
+    from dscompile.targets.ort_cpu_cost import node_times
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "p")
+        sess = ort.InferenceSession(str(digits.onnx), so, providers=["CPUExecutionProvider"])
+        x = digits.calib[:1]
+        for _ in range(12):
+            sess.run(None, {"x": x})
+        events = _json.loads(Path(sess.end_profiling()).read_text())
+    quiet = node_times(events, warmup=2)
+    node = max(quiet, key=quiet.get)
+    hits = [e for e in events if e.get("cat") == "Node" and e["name"] == f"{node}_kernel_time"]
+    assert len(hits) == 12  # one per run, told apart by the session's model_run events
+    hits[7]["dur"] += 50_000  # one run preempted for 50 ms on this node
+    spiked = node_times(events, warmup=2)
+    assert spiked[node] == pytest.approx(quiet[node], rel=0.5) and spiked[node] < 5  # a mean would be > 5 ms
+    assert set(spiked) == set(quiet)
