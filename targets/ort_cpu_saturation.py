@@ -28,6 +28,7 @@ from dscompile.targets.ort_cpu_qdq import Range, lower_qdq
 log = logging.getLogger("dscompile")
 Feed = dict[str, np.ndarray]
 PROBE_SAMPLES = 8
+CAPTURE_BYTES = 512 << 20  # the layer inputs kept for the probe, all samples together
 PROBED = (INT8, INT8_DYNAMIC)  # the precisions that run on the uint8 x int8 kernels
 OUT_SUFFIX = "__probe"
 
@@ -86,17 +87,20 @@ def _one_layer(model: onnx.ModelProto, lay: Layer, model_outputs: set[str]) -> o
 
 
 def _captured(model: onnx.ModelProto, names: list[str], feeds: Sequence[Feed], threads: int | None) -> list[Feed]:
-    """The named float tensors of the FP32 model, one dict per feed."""
+    """The named float tensors of the FP32 model, one dict per feed, for as many feeds as
+    ``CAPTURE_BYTES`` holds (at least one)."""
     from dscompile.compiler.distill_capture import prefix, with_outputs
 
     graph_inputs = {i.name for i in model.graph.input}
     inner = [n for n in names if n not in graph_inputs]
     sess = ort_session(with_outputs(prefix(model, inner), inner), threads, optimize=False) if inner else None
     wanted = {i.name for i in sess.get_inputs()} if sess else set()
-    out = []
+    out: list[Feed] = []
     for feed in feeds:
         got = dict(zip(inner, sess.run(inner, {k: v for k, v in feed.items() if k in wanted}), strict=True)) if sess else {}
         out.append({n: (feed[n] if n in graph_inputs else got[n]) for n in names})
+        if sum(v.nbytes for v in out[0].values()) * (len(out) + 1) > CAPTURE_BYTES:
+            break  # every layer's input, per sample: a large model's activations are kept for fewer samples
     return out
 
 
