@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,14 @@ def digits(zoo_dir):
     from tests.zoo import build_digits
 
     return build_digits(zoo_dir)
+
+
+@pytest.fixture(scope="session")
+def digits_npy(tmp_path_factory, digits) -> Path:
+    """200 of the digits CNN's calibration images as one .npy batch (--calib data for DMPQ tests)."""
+    path = tmp_path_factory.mktemp("digits_data") / "digits.npy"
+    np.save(path, digits.calib[:200])
+    return path
 
 
 @pytest.fixture(scope="session")

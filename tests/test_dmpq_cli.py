@@ -13,15 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, digits) -> Path:
-    d = tmp_path_factory.mktemp("dmpq")
-    np.save(d / "digits.npy", digits.calib[:200])
-    return d
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dmpq")
 
 
 @pytest.fixture(scope="module")
-def digits_plan(cli, work, digits) -> dict:
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--min-fidelity", "top1=0.99",
+def digits_plan(cli, work, digits, digits_npy) -> dict:
+    r = cli("plan", digits.onnx, "--calib", digits_npy, "--min-fidelity", "top1=0.99",
             "--plots", work / "plots", "-o", work / "plan.json", "-q")
     assert r.returncode == 0, r.stderr
     return json.loads((work / "plan.json").read_text())
@@ -52,7 +50,7 @@ def test_plan_json_is_complete_and_plots_are_written(digits_plan, work):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_hand_edited_plan_is_built_as_written(cli, work, digits, digits_plan, tmp_path):
+def test_hand_edited_plan_is_built_as_written(cli, digits, digits_npy, digits_plan, tmp_path):
     plan = json.loads(json.dumps(digits_plan))
     for lp in plan["layers"]:
         lp["precision"] = "int8" if lp["op"] in ("Conv", "MaxPool") else "int8_dynamic"
@@ -60,7 +58,7 @@ def test_hand_edited_plan_is_built_as_written(cli, work, digits, digits_plan, tm
     (tmp_path / "edited.json").write_text(json.dumps(plan))
     out = tmp_path / "q.onnx"
     # verified on held-out digits: on random inputs an x86 CPU without VNNI clips int8_dynamic (README, ort-cpu)
-    r = cli("build", digits.onnx, "--plan", tmp_path / "edited.json", "--calib", work / "digits.npy", "-o", out, "--json")
+    r = cli("build", digits.onnx, "--plan", tmp_path / "edited.json", "--calib", digits_npy, "-o", out, "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["precision"] == {"fp32": 1, "int8": 2, "int8_dynamic": 2}
@@ -70,7 +68,7 @@ def test_hand_edited_plan_is_built_as_written(cli, work, digits, digits_plan, tm
     assert report["plan_json"]["layers"][0]["precision"] == "fp32"  # the report carries the plan it built
 
 
-def test_compile_calib_plans_repairs_and_verifies_every_zoo_model(cli, work, digits, transformer, gru, tmp_path):
+def test_compile_calib_plans_repairs_and_verifies_every_zoo_model(cli, digits, transformer, gru, tmp_path):
     np.save(tmp_path / "seq.npy", transformer.calib[:160])
     for zoo, data, goal in ((transformer, tmp_path / "seq.npy", "cosine=0.99"), (gru, tmp_path / "seq.npy", "top1=0.98")):
         out = tmp_path / f"{zoo.name}.onnx"
@@ -86,8 +84,8 @@ def test_compile_calib_plans_repairs_and_verifies_every_zoo_model(cli, work, dig
             assert gru_layer["precision"] == "fp32" and "GRU" in gru_layer["reason"]
 
 
-def test_repair_promotes_until_the_floor_holds(cli, work, digits, tmp_path):
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "kl=1",
+def test_repair_promotes_until_the_floor_holds(cli, digits, digits_npy, tmp_path):
+    r = cli("plan", digits.onnx, "--calib", digits_npy, "--budget", "kl=1",
             "--min-fidelity", "cosine=0.9999995", "-o", tmp_path / "p.json", "--json", "-q")
     assert r.returncode == 0, r.stderr
     rounds = json.loads(r.stdout)["rounds"]
@@ -95,7 +93,7 @@ def test_repair_promotes_until_the_floor_holds(cli, work, digits, tmp_path):
     assert all(p["to"] != p["from"] for rd in rounds[1:] for p in rd["promoted"])
 
 
-def test_repair_keeps_a_size_budget_by_moving_other_layers(cli, work, digits, digits_plan, tmp_path):
+def test_repair_keeps_a_size_budget_by_moving_other_layers(cli, digits, digits_npy, digits_plan, tmp_path):
     """Under size=F a promotion is paired with demotions elsewhere (the knapsack re-solved around it).
 
     The budget is one byte over "the big Gemm at int8, every other layer at its cheapest" (bytes follow
@@ -107,7 +105,7 @@ def test_repair_keeps_a_size_budget_by_moving_other_layers(cli, work, digits, di
     fixed = pred["bytes"] - sum(lp["cost"][lp["precision"]]["bytes"] for lp in layers.values())
     limit = fixed + sum(cheapest.values()) - cheapest[big] + layers[big]["cost"]["int8"]["bytes"] + 1
     budget = float(f"{limit / pred['fp32_bytes']:.8f}")
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", f"size={budget:.8f}",
+    r = cli("plan", digits.onnx, "--calib", digits_npy, "--budget", f"size={budget:.8f}",
             "--min-fidelity", "cosine=0.9999999", "--repair-rounds", "1", "-o", tmp_path / "p.json", "--json")
     line = next((ln for ln in r.stderr_lines if "repair round 1:" in ln), "")
     promoted, moved = (int(x) for x in re.search(r"promoted (\d+), moved (\d+)", line).groups())
@@ -120,8 +118,8 @@ def test_repair_keeps_a_size_budget_by_moving_other_layers(cli, work, digits, di
         assert f"within size={budget:g}" in r.stderr and not (tmp_path / "p.json").exists()
 
 
-def test_repair_says_when_the_size_budget_binds(cli, work, digits, tmp_path):
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "size=0.2",
+def test_repair_says_when_the_size_budget_binds(cli, digits, digits_npy, tmp_path):
+    r = cli("plan", digits.onnx, "--calib", digits_npy, "--budget", "size=0.2",
             "--min-fidelity", "cosine=0.9999999", "-o", tmp_path / "p.json", "-q")
     _one_error(r, "within size=0.2")
     assert not (tmp_path / "p.json").exists()
@@ -164,8 +162,8 @@ def test_missing_ranges_name_the_tensor(cli, digits, digits_plan, tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_unreachable_budget_says_how_close_it_gets(cli, digits, work, tmp_path):
-    r = cli("--target", "ort-cpu", digits.onnx, "--calib", work / "digits.npy", "--budget", "size=0.01",
+def test_unreachable_budget_says_how_close_it_gets(cli, digits, digits_npy, tmp_path):
+    r = cli("--target", "ort-cpu", digits.onnx, "--calib", digits_npy, "--budget", "size=0.01",
             "-o", tmp_path / "q.onnx", "-q")
     _one_error(r, "budget size=0.01 cannot be met: the smallest reachable is")
     assert not list(tmp_path.iterdir())
@@ -219,9 +217,9 @@ def half(reference, outputs, feed):
 '''
 
 
-def test_user_metric_drives_the_repair_loop(cli, work, digits, tmp_path):
+def test_user_metric_drives_the_repair_loop(cli, digits, digits_npy, tmp_path):
     (tmp_path / "mymetrics.py").write_text(_METRICS)
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "kl=1", "--trust-code",
+    r = cli("plan", digits.onnx, "--calib", digits_npy, "--budget", "kl=1", "--trust-code",
             "--min-fidelity", "mymetrics:prob_overlap=0.9999995", "-o", tmp_path / "p.json", "--json", "-q",
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -233,9 +231,9 @@ def test_user_metric_drives_the_repair_loop(cli, work, digits, tmp_path):
     assert rounds[-1]["met"] and users[-1]["value"] >= 0.9999995
 
 
-def test_user_metric_that_cannot_be_met_fails_with_its_value(cli, work, digits, tmp_path):
+def test_user_metric_that_cannot_be_met_fails_with_its_value(cli, digits, digits_npy, tmp_path):
     (tmp_path / "mymetrics.py").write_text(_METRICS)
-    r = cli("compile", "--target", "ort-cpu", digits.onnx, "--calib", work / "digits.npy", "--trust-code",
+    r = cli("compile", "--target", "ort-cpu", digits.onnx, "--calib", digits_npy, "--trust-code",
             "--min-fidelity", "mymetrics:half=0.9", "--repair-rounds", "1", "-o", tmp_path / "m.onnx", "-q",
             cwd=tmp_path)
     _one_error(r, "mymetrics:half=0.9: reached 0.50000")
@@ -246,10 +244,10 @@ def test_user_metric_that_cannot_be_met_fails_with_its_value(cli, work, digits, 
     ((), "a user metric runs Python code; pass --trust-code"),
     (("--trust-code",), "cannot import nosuchmodule"),
 ])
-def test_user_metric_needs_trust_and_a_module(cli, work, digits, tmp_path, extra, message):
+def test_user_metric_needs_trust_and_a_module(cli, digits, digits_npy, tmp_path, extra, message):
     goal = "mymetrics:half=0.9" if not extra else "nosuchmodule:f=0.9"
     (tmp_path / "mymetrics.py").write_text(_METRICS)
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--min-fidelity", goal, *extra,
+    r = cli("plan", digits.onnx, "--calib", digits_npy, "--min-fidelity", goal, *extra,
             "-o", tmp_path / "p.json", cwd=tmp_path)
     _one_error(r, message)
     assert not (tmp_path / "p.json").exists()

@@ -24,15 +24,13 @@ FIRST_CONV = "node_Conv_18"  # the digits CNN's first conv: 8x8 inputs in [0, 1]
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, digits) -> Path:
-    d = tmp_path_factory.mktemp("bits")
-    np.save(d / "digits.npy", digits.calib[:200])
-    return d
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bits")
 
 
 @pytest.fixture(scope="module")
-def plan(cli, work, digits) -> dict:
-    r = cli("plan", digits.onnx, "--calib", work / "digits.npy", "--budget", "kl=1", "-o", work / "plan.json", "-q")
+def plan(cli, work, digits, digits_npy) -> dict:
+    r = cli("plan", digits.onnx, "--calib", digits_npy, "--budget", "kl=1", "-o", work / "plan.json", "-q")
     assert r.returncode == 0, r.stderr
     return json.loads((work / "plan.json").read_text())
 
@@ -75,7 +73,7 @@ def test_the_probe_finds_the_saturating_layer_and_only_it(digits):
 
 
 @needs_saturation
-def test_plan_gives_the_saturating_conv_7_bit_weights_and_compile_gains_from_it(cli, work, digits, plan, tmp_path):
+def test_plan_gives_the_saturating_conv_7_bit_weights_and_compile_gains_from_it(cli, digits, digits_npy, plan, tmp_path):
     layer = next(lp for lp in plan["layers"] if lp["name"] == FIRST_CONV)
     assert layer["weights"]["int8_bits"] == REDUCED_BITS and "saturate" in layer["reason"]
     err = layer["weights"]["measured_error"]
@@ -90,7 +88,7 @@ def test_plan_gives_the_saturating_conv_7_bit_weights_and_compile_gains_from_it(
         first["precision"], first["weights"]["int8_bits"] = "int8", bits  # the plan may keep it fp32: not faster
         (tmp_path / f"p{bits}.json").write_text(json.dumps(edited))
         out = tmp_path / f"q{bits}.onnx"
-        r = cli("build", digits.onnx, "--plan", tmp_path / f"p{bits}.json", "--calib", work / "digits.npy", "-o", out, "--json")
+        r = cli("build", digits.onnx, "--plan", tmp_path / f"p{bits}.json", "--calib", digits_npy, "-o", out, "--json")
         assert r.returncode == 0, r.stderr
         report = json.loads(r.stdout)
         cosines[bits] = report["fidelity"]["cosine"]
@@ -100,20 +98,20 @@ def test_plan_gives_the_saturating_conv_7_bit_weights_and_compile_gains_from_it(
     assert cosines[REDUCED_BITS] > cosines[8], cosines
 
 
-def test_build_honours_hand_edited_weight_bits_and_rejects_bad_ones(cli, work, digits, plan, tmp_path):
+def test_build_honours_hand_edited_weight_bits_and_rejects_bad_ones(cli, digits, digits_npy, plan, tmp_path):
     edited = json.loads(json.dumps(plan))
     convs = [lp for lp in edited["layers"] if lp["op"] == "Conv"]
     for lp in convs:
         lp["precision"], lp["weights"] = "int8", {"scheme": "int8_per_channel_symmetric", "bits": 8, "int8_bits": 6}
     (tmp_path / "six.json").write_text(json.dumps(edited))
     out = tmp_path / "six.onnx"
-    r = cli("build", digits.onnx, "--plan", tmp_path / "six.json", "--calib", work / "digits.npy", "-o", out, "--json")
+    r = cli("build", digits.onnx, "--plan", tmp_path / "six.json", "--calib", digits_npy, "-o", out, "--json")
     assert r.returncode == 0, r.stderr
     assert np.abs(_first_conv_codes(out)).max() == 31
 
     convs[0]["weights"]["int8_bits"] = 9
     (tmp_path / "nine.json").write_text(json.dumps(edited))
-    r = cli("build", digits.onnx, "--plan", tmp_path / "nine.json", "--calib", work / "digits.npy", "-o", tmp_path / "nine.onnx")
+    r = cli("build", digits.onnx, "--plan", tmp_path / "nine.json", "--calib", digits_npy, "-o", tmp_path / "nine.onnx")
     assert r.returncode != 0 and "int8_bits 9 is not an integer from 2 to 8" in r.stderr, r.stderr
     assert len([ln for ln in r.stderr_lines if ln.startswith("dscompile: error:")]) == 1
     assert not (tmp_path / "nine.onnx").exists()
