@@ -61,9 +61,9 @@ def int8_unfit(layer: Layer, graph: ModelGraph, index: GraphIndex, shapes: dict)
 
 
 _FUSED_ONLY = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
+LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")  # move data, keep every value
 # Ops TensorRT moves Q/DQ across (layout, slicing, nearest resize) or runs in INT8 beside a Q/DQ (the ops above)
-_PASS_THROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Identity", "Resize",
-                 *_FUSED_ONLY)
+_PASS_THROUGH = (*LAYOUT_OPS, "Split", "Slice", "Identity", "Resize", *_FUSED_ONLY)
 _GEMM_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -103,7 +103,7 @@ def _through_layout(index: GraphIndex, tensor: str) -> str:
         if p is not None and p.op_type == "Add" and len(p.input) == 2 and sum(map(index.is_constant, p.input)) == 1:
             tensor = next(i for i in p.input if not index.is_constant(i))
             continue
-        if p is None or p.op_type not in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
+        if p is None or p.op_type not in LAYOUT_OPS:
             break
         tensor = p.input[0]
     return tensor

@@ -37,6 +37,7 @@ from dscompile.compiler.qdq import (
 )
 from dscompile.compiler.ranges import full_range_tensors, scheme_amax
 from dscompile.errors import InputError
+from dscompile.targets.tensorrt_plan import LAYOUT_OPS
 
 INT4_OPSET = 21  # DequantizeLinear with block_size and INT4 codes
 QDQ_OPSET = 13  # per-channel (axis) DequantizeLinear
@@ -49,7 +50,6 @@ AMAX_METHOD = "mse"
 # Softmax outputs at their observed absmax (Model Optimizer: 1.0): the entropy threshold of a mostly
 # near-zero probability map is ~0.5 and clips every confident peak (YOLOv8's DFL box distances).
 ACTIVATIONS = ActivationScheme(AMAX_METHOD, True, full_range_ops=("Softmax",))
-_LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 
 @dataclass
@@ -254,7 +254,7 @@ def _through_reshapes(index: GraphIndex, tensor: str) -> str:
     """The tensor a chain of layout-only ops (TensorRT moves Q/DQ across them) starts from."""
     for _ in range(4):
         p = index.producer.get(tensor)
-        if p is None or p.op_type not in _LAYOUT_OPS:
+        if p is None or p.op_type not in LAYOUT_OPS:
             break
         tensor = p.input[0]
     return tensor
